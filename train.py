@@ -8,6 +8,7 @@ $ torchrun --standalone --nproc_per_node=4 train.py config/mistral_gpu.py
 import json
 import math
 import os
+import resource
 import time
 from contextlib import nullcontext
 
@@ -26,6 +27,7 @@ model = "mistralai/Mistral-7B-v0.1"  # whose table: data/<name>/ from prepare_mi
 out_dir = "out-mistral"
 init_from = "scratch"  # or "resume" from out_dir/ckpt.pt
 eval_interval = 500
+eval_interval_seconds = 0.0  # if > 0, also evaluate each time this much more training time has passed
 eval_tokens = 2048  # tokens sampled from each split for the periodic eval
 log_file = ""  # if set, each eval appends a JSON line here (bench.py reads it)
 seed = 1337
@@ -205,11 +207,16 @@ def main():
                 "train_seconds": train_seconds, "negatives_rng": negatives_rng.get_state()}
 
     def log_eval(stats):
-        line = f"iter {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items())
-        tqdm.write(line)
+        tqdm.write(f"iter {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
         if log_file:
+            if device_type == "cuda":
+                peak_mb = torch.cuda.max_memory_allocated() / 2**20
+            else:
+                peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            record = {"iter": iter_num, "seconds": round(train_seconds, 2), "samples": samples_total,
+                      "params": raw_encoder.num_params(), "peak_mb": round(peak_mb), **stats}
             with open(log_file, "a") as f:
-                f.write(json.dumps({"iter": iter_num, "seconds": round(train_seconds, 2), **stats}) + "\n")
+                f.write(json.dumps(record) + "\n")
 
     def budget_used():
         return train_seconds / max_seconds if max_seconds > 0 else iter_num / max_iters
@@ -217,11 +224,20 @@ def main():
     bar = tqdm(total=100, initial=round(100 * budget_used()), unit="%", disable=not master, dynamic_ncols=True)
     start_iter = iter_num
     batches = batch_order(train_ids.to(lengths.device), lengths, epoch, batch_size * gradient_accumulation_steps, bucket_by_length)
-    samples_seen, window_start = 0, time.time()
+    samples_seen, samples_total, window_start = 0, 0, time.time()
+    next_timed_eval = eval_interval_seconds
     raw_encoder.train()
     while True:
         done = budget_used() >= 1.0 or iter_num >= max_iters
-        if master and (iter_num % eval_interval == 0 or done) and not (iter_num == start_iter and init_from == "resume"):
+        if ddp and max_seconds > 0:
+            # clocks differ between processes: rank 0's decides, or one would wait forever
+            flag = torch.tensor([float(done)], device=dev)
+            torch.distributed.broadcast(flag, 0)
+            done = bool(flag.item())
+        timed_eval = eval_interval_seconds > 0 and train_seconds >= next_timed_eval
+        if master and (iter_num % eval_interval == 0 or timed_eval or done) and not (iter_num == start_iter and init_from == "resume"):
+            while timed_eval and next_timed_eval <= train_seconds:
+                next_timed_eval += eval_interval_seconds
             log_eval(evaluate())
             if iter_num > start_iter:
                 save_checkpoint(os.path.join(out_dir, "ckpt.pt"), checkpoint_state())
@@ -260,6 +276,7 @@ def main():
         iter_num += 1
         train_seconds += time.time() - step_start
         samples_seen += len(big_batch)
+        samples_total += len(big_batch)
         if master:
             bar.update(round(100 * budget_used()) - bar.n)
             if iter_num % 10 == 0:

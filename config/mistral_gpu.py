@@ -1,0 +1,18 @@
+# Mistral-7B-v0.1's table (32000 x 4096) on one GPU, at the prototype's encoder size
+model = "mistralai/Mistral-7B-v0.1"
+out_dir = "out-mistral"
+n_layer = 4
+n_head = 8
+n_embd = 512
+head_hidden = 2048
+batch_size = 1024
+gradient_accumulation_steps = 1
+learning_rate = 2e-3
+min_lr = 2e-4
+warmup_iters = 100
+max_iters = 10000
+eval_interval = 500
+l1_weight = 0.0
+mse_weight = 100.0
+softmax_weight = 1.0
+softmax_negatives = 0
