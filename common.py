@@ -1,9 +1,11 @@
 """
 What several scripts need, written once: config overrides, finding and loading the
-target LM, turning its tokens into bytes, reading prepared data and checkpoints.
+target LM, turning its tokens into bytes, reading prepared data and checkpoints, scoring
+the LM on text.
 """
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -41,7 +43,8 @@ def run_main(main):
 
 def configure(config, argv=None):
     """Apply a config file and --key=value overrides to the dict of a script's globals."""
-    known = {k for k, v in config.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))}
+    # UPPERCASE globals are constants, most imported from here (PAD): not options
+    known = {k for k, v in config.items() if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str, type(None)))}
     for arg in (sys.argv[1:] if argv is None else argv):
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
@@ -132,14 +135,21 @@ def smollm2_folder():
 
 def load_tokenizer(folder):
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(folder)
+    # for a model_type "mistral" folder, transformers first probes for Mistral's own tekken
+    # format by importing mistral-common, which crashes where it is installed without its
+    # dependencies (as `make install` does, for the tests' tokenizer.model); naming
+    # fix_mistral_regex skips that probe. The regex fix is for tekken tokenizers, so False
+    # changes nothing for SentencePiece ones such as Mistral-7B-v0.1's
+    return AutoTokenizer.from_pretrained(folder, fix_mistral_regex=False)
 
 
-def load_lm(model):
-    """The full causal LM in float32 (for the splice test and repairs) and its tokenizer."""
+def load_lm(model, dtype=torch.float32, device="cpu"):
+    """The full causal LM (for the splice test and repairs), float32 on the CPU unless asked
+    otherwise, and its tokenizer."""
     from transformers import AutoModelForCausalLM
     folder, _ = resolve_model(model)
-    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    # straight onto the device: a 7B model never has to fit in CPU memory first
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device)
     return lm.eval(), load_tokenizer(folder)
 
 
@@ -202,7 +212,8 @@ def tokenizer_kind(tokenizer):
     if backend is None:
         raise UserError(f"tokenizer {type(tokenizer).__name__} has no fast (tokenizers) backend; only SentencePiece-style and byte-level BPE tokenizers are understood")
     spec = json.loads(backend.to_str())
-    text = json.dumps([spec.get("decoder"), spec.get("pre_tokenizer"), spec.get("normalizer")])
+    # ensure_ascii=False keeps "▁" a character: escaped, it would never match below
+    text = json.dumps([spec.get("decoder"), spec.get("pre_tokenizer"), spec.get("normalizer")], ensure_ascii=False)
     if '"ByteLevel"' in text:
         return "bytelevel"
     if "\u2581" in text or '"ByteFallback"' in text or spec["model"].get("byte_fallback"):
@@ -242,6 +253,18 @@ def token_bytes(tokenizer):
         if owner[data] != i:
             flags.add("duplicate")
     return out, kind
+
+
+def token_piece(data, kind):
+    """The other way round for a normal token: the string a BPE model of this kind works on for
+    these bytes (GPT-2 characters, or ▁ for space); None if SentencePiece bytes are not text."""
+    if kind == "bytelevel":
+        chars = {b: c for c, b in _bytelevel_decoder().items()}
+        return "".join(chars[b] for b in data)
+    try:
+        return data.decode("utf-8").replace(" ", "\u2581")
+    except UnicodeDecodeError:
+        return None
 
 
 def encode_bytes(byte_strings, block_size=None):
@@ -286,9 +309,9 @@ def atomic_write(path, write):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="tmp-", suffix="-" + os.path.basename(path))
     os.close(fd)
-    os.chmod(tmp, 0o644)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from other users
         os.replace(tmp, path)
     except BaseException:
         if os.path.isdir(tmp):
@@ -327,12 +350,23 @@ def predict_table(encoder, input_ids, batch_size=1024, device="cpu"):
     """Run the encoder over every row of input_ids, trimming each batch to its longest token."""
     from tqdm import tqdm
     lengths = (input_ids != PAD).sum(1)
+    # batches of tokens of similar length carry little padding; the rows go back in input order
+    order = lengths.argsort()
     rows = []
     for start in tqdm(range(0, len(input_ids), batch_size), desc="predicting", leave=False, disable=len(input_ids) <= batch_size):
-        chunk = input_ids[start:start + batch_size]
-        width = int(lengths[start:start + batch_size].max())
-        rows.append(encoder(chunk[:, :width].to(device)).float().cpu())
-    return torch.cat(rows)
+        chunk = order[start:start + batch_size]
+        width = int(lengths[chunk].max())
+        rows.append(encoder(input_ids[chunk, :width].to(device)).float().cpu())
+    predicted = torch.empty(len(input_ids), encoder.config.n_out)
+    predicted[order] = torch.cat(rows)
+    return predicted
+
+
+def norm_scale(predicted, original):
+    """Regression towards the mean shrinks predicted rows. One global factor, measured on trained
+    rows, restores their typical norm; a factor per row would need the original row, which a
+    new token does not have."""
+    return (original.norm(dim=1).mean() / predicted.norm(dim=1).mean()).item()
 
 
 @torch.no_grad()
@@ -344,3 +378,39 @@ def top1_hits(predicted, table, ids, chunk=2048):
         scores = predicted[start:start + chunk] @ table.T
         hits.append(scores.argmax(1) == ids[start:start + chunk])
     return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+
+
+# -----------------------------------------------------------------------------
+# scoring the LM on text
+
+DOC_MODULES = ["json", "textwrap", "functools", "collections", "string", "argparse", "itertools", "pathlib"]
+
+
+def default_text():
+    """English prose that every machine has offline: the docstrings of some standard library
+    modules and of their public functions and classes, always in the same order. The text
+    differs a little between Python versions; tables compared are always scored on the same one."""
+    import inspect
+    docs = []
+    for name in DOC_MODULES:
+        module = importlib.import_module(name)
+        docs.append(inspect.getdoc(module))
+        for attr in sorted(vars(module)):
+            obj = getattr(module, attr)
+            # only what the module defines itself, not what it imports
+            if not attr.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == name:
+                docs.append(inspect.getdoc(obj))
+    return "\n\n".join(doc for doc in docs if doc)
+
+
+@torch.no_grad()
+def perplexity(lm, ids, context):
+    """exp of the mean next-token loss, the text cut into independent windows of `context` tokens."""
+    total, count = 0.0, 0
+    for start in range(0, len(ids), context):
+        window = ids[start:start + context][None].to(lm.device)
+        if window.shape[1] < 2:
+            continue  # a lone last token has nothing to be predicted from
+        total += lm(window, labels=window).loss.float().item() * (window.shape[1] - 1)
+        count += window.shape[1] - 1
+    return math.exp(total / count)

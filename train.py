@@ -266,6 +266,7 @@ def main():
                 loss.backward()
             loss_sum += loss.item()
         if not math.isfinite(loss_sum):
+            bar.close()  # or the sentence lands on the bar's line and the bar is drawn again after it
             raise UserError(f"the loss became {loss_sum} at iteration {iter_num}; the last good checkpoint is kept in {out_dir}, lower learning_rate and resume with --init_from=resume")
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_encoder.parameters(), grad_clip)
