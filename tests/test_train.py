@@ -1,0 +1,98 @@
+"""
+train.py's promises: two processes give what one gives, an interrupted run resumed gives
+what an uninterrupted one gives, and a run whose loss blows up keeps its last good checkpoint.
+"""
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import REPO, TINY_TRAIN, fails_with, files_under, script_env, succeeds
+
+# a short warmup, so that the few steps these runs take also run down the cosine schedule
+SHORT = [*TINY_TRAIN, "--warmup_iters=2", "--learning_rate=1e-3"]
+
+# `python -c` program: train.py exactly as a user runs it, except that the process is
+# interrupted (as by Ctrl-C) right after it has written its first checkpoint
+INTERRUPTED = """
+import runpy, sys
+sys.path.insert(0, {repo!r})
+import common
+save = common.save_checkpoint
+def save_then_interrupt(path, checkpoint):
+    save(path, checkpoint)
+    raise KeyboardInterrupt
+common.save_checkpoint = save_then_interrupt
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def train(*args, cwd, launcher=()):
+    # one thread each: float sums, and so bit-equality, depend on how work is split over threads
+    command = [sys.executable, *launcher, str(REPO / "train.py"), *args]
+    return subprocess.run(command, cwd=cwd, env=script_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+
+
+def load(out_dir):
+    return torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=False)
+
+
+def test_two_processes_match_one(tiny_mistral, prepared_mistral, workdir):
+    """The global batch of 32 split 16 + 16 over two gloo processes, gradients averaged by DDP."""
+    args = [f"--model={tiny_mistral.folder}", *SHORT, "--max_iters=6", "--eval_interval=6",
+            "--softmax_weight=1", "--softmax_negatives=0"]
+    succeeds(train(*args, f"--out_dir={workdir / 'out-one'}", cwd=workdir))
+    two_processes = succeeds(train(*args, f"--out_dir={workdir / 'out-two'}", cwd=workdir,
+                                   launcher=["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]))
+    # two independent single-process runs would write the same checkpoint: make sure DDP ran
+    assert "on cpu x2" in two_processes.stdout
+    one, two = load(workdir / "out-one"), load(workdir / "out-two")
+    assert one["iter_num"] == two["iter_num"] == 6
+    # not bit-equal: each process trims its half to its own longest token and sums in another
+    # order (measured differences are below 1e-7). Adam moves each weight by about the
+    # learning rate (1e-3) per step, so this tolerance still catches a process training on
+    # the wrong half or gradients summed instead of averaged
+    for name, weight in one["model"].items():
+        torch.testing.assert_close(two["model"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resume_continues_exactly(tiny_mistral, prepared_mistral, workdir):
+    """20 iterations straight against 10, an interruption, and a resume to 20. Both legs use
+    the same max_iters, so the cosine schedule is the same; the sampled softmax negatives
+    make the random stream part of what must be restored."""
+    args = [f"--model={tiny_mistral.folder}", *SHORT, "--max_iters=20", "--eval_interval=10",
+            "--softmax_weight=1", "--softmax_negatives=256"]
+    straight, interrupted = workdir / "out-straight", workdir / "out-interrupted"
+    succeeds(train(*args, f"--out_dir={straight}", cwd=workdir))
+    stopped = train(*args, f"--out_dir={interrupted}", cwd=workdir, launcher=["-c", INTERRUPTED.format(repo=str(REPO))])
+    assert stopped.returncode != 0 and "KeyboardInterrupt" in stopped.stderr
+    halfway = load(interrupted)
+    assert halfway["iter_num"] == 10
+    succeeds(train(*args, f"--out_dir={interrupted}", "--init_from=resume", cwd=workdir))
+    a, b = load(straight), load(interrupted)
+    assert a["iter_num"] == b["iter_num"] == 20
+    for name, weight in a["model"].items():
+        assert torch.equal(b["model"][name], weight), name
+    # the second leg did train: equality above is not two copies of the halfway weights
+    assert max((halfway["model"][n] - w).abs().max().item() for n, w in a["model"].items()) > 1e-4
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for param, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(value, b["optimizer"]["state"][param][k]) for k, value in state.items()), param
+    assert torch.equal(a["negatives_rng"], b["negatives_rng"])
+
+
+@pytest.mark.parametrize("blow_up", [["--softmax_weight=1", "--softmax_temperature=0"], ["--learning_rate=1e30"]],
+                         ids=["zero-temperature", "huge-learning-rate"])
+def test_non_finite_loss_keeps_the_last_good_checkpoint(tiny_mistral, trained_mistral, workdir, tmp_path, blow_up):
+    out_dir = tmp_path / "out"
+    shutil.copytree(trained_mistral.out_dir, out_dir)
+    before = files_under(out_dir)
+    proc = train(f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", *TINY_TRAIN, "--init_from=resume",
+                 "--max_iters=40", "--eval_interval=10", *blow_up, cwd=workdir)
+    message = fails_with(proc, "the loss became", "--init_from=resume")
+    assert int(re.search(r"at iteration (\d+)", message).group(1)) in range(20, 30)
+    assert files_under(out_dir) == before
