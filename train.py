@@ -49,6 +49,7 @@ l1_weight = 1.0
 mse_weight = 1.0
 softmax_weight = 0.0
 softmax_negatives = 0  # 0: all V rows; else this many rows sampled per step plus the batch's own
+softmax_hub_negatives = 0  # with sampled negatives, also always the rows with the largest dot product with the mean row
 softmax_temperature = 1.0
 # optimizer: AdamW with linear warmup and cosine decay to min_lr
 learning_rate = 6e-4
@@ -155,6 +156,10 @@ def main():
         print(f"{meta['model']}: {len(train_ids)} train / {len(val_ids)} held-out tokens, table {meta['vocab_size']}x{meta['dim']}; "
               f"encoder {raw_encoder.num_params() / 1e6:.2f}M params on {dev}" + (f" x{world}" if ddp else ""))
 
+    # on a table whose rows share a large common direction (tied SmolLM2), a handful of rows
+    # that point along it win the dot product against most predictions: keep them in every softmax
+    hubs = (table @ table.mean(0)).topk(softmax_hub_negatives).indices
+
     # a generator of its own, so evals never shift the training's random stream
     negatives_rng = torch.Generator().manual_seed(seed + 1)
     if checkpoint is not None:
@@ -167,6 +172,7 @@ def main():
             if softmax_negatives > 0:
                 # the batch's own rows plus a shared random sample stand in for the whole table
                 sampled = torch.randint(0, len(table), (softmax_negatives,), generator=rng).to(pred.device)
+                sampled = torch.cat([hubs, sampled])
                 candidates = torch.cat([ids, sampled])
                 logits = pred @ table[candidates].T / softmax_temperature
                 # a sampled row that is the token itself must not count against it
