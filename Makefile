@@ -1,5 +1,6 @@
 PYTHON ?= python3
 CONFIG ?= config/smollm2_cpu.py
+export PIP_ROOT_USER_ACTION := ignore
 
 .PHONY: install demo test
 
