@@ -133,6 +133,13 @@ def smollm2_folder():
     return folder
 
 
+def pick_device(device, local_rank=0):
+    """"auto" means CUDA, then MPS, then the CPU; under torchrun each process takes its own GPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return f"cuda:{local_rank}" if device == "cuda" else device
+
+
 def load_tokenizer(folder):
     from transformers import AutoTokenizer
     # for a model_type "mistral" folder, transformers first probes for Mistral's own tekken

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from common import (PAD, UserError, atomic_write, configure, die, load_checkpoint, load_data, load_encoder, norm_scale,
-                    predict_table, top1_hits)
+                    pick_device, predict_table, top1_hits)
 
 model = "mistralai/Mistral-7B-v0.1"  # whose table: data/<name>/ from prepare_mistral_data.py
 out_dir = "out-mistral"  # holds ckpt.pt from train.py; the plots, eval.json and new_embeddings.safetensors go here too
@@ -30,8 +30,7 @@ batch_size = 1024  # tokens per encoder forward pass
 device = "auto"  # auto: cuda, then mps, then cpu
 # inside a Jupyter kernel sys.argv holds the kernel's own flags: edit the globals above instead
 configure(globals(), [] if "ipykernel" in sys.modules else None)
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+device = pick_device(device)
 started = time.time()
 
 # %% load the prepared data and the checkpoint trained on it

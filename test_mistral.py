@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from common import DOC_MODULES, UserError, atomic_write, configure, default_text, load_lm, perplexity, run_main
+from common import DOC_MODULES, UserError, atomic_write, configure, default_text, load_lm, perplexity, pick_device, run_main
 
 model = "mistralai/Mistral-7B-v0.1"  # hub id, local folder, or "smollm2"
 out_dir = "out-mistral"  # holds new_embeddings.safetensors from evaluate.py; splice.json goes here
@@ -40,13 +40,11 @@ def answer(lm, tokenizer, inputs):
 
 def main():
     started = time.time()
-    dev = device
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    dev = pick_device(device)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes and dtype != "auto":
         raise UserError(f"dtype={dtype!r} is not known; use auto, {', '.join(dtypes)}")
-    torch_dtype = dtypes[dtype] if dtype != "auto" else torch.bfloat16 if dev == "cuda" else torch.float32
+    torch_dtype = dtypes[dtype] if dtype != "auto" else torch.bfloat16 if dev.startswith("cuda") else torch.float32
 
     # check the cheap inputs before loading the LM
     path = os.path.join(out_dir, "new_embeddings.safetensors")

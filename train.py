@@ -18,7 +18,7 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import PAD, UserError, configure, load_checkpoint, load_data, run_main, save_checkpoint, top1_hits
+from common import PAD, UserError, configure, load_checkpoint, load_data, pick_device, run_main, save_checkpoint, top1_hits
 from model import ByteEncoder, ByteEncoderConfig
 
 # -----------------------------------------------------------------------------
@@ -109,10 +109,7 @@ def main():
     else:
         rank, world, local_rank = 0, 1, 0
     master = rank == 0
-    if device == "auto":
-        dev = f"cuda:{local_rank}" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    else:
-        dev = device if not (ddp and device == "cuda") else f"cuda:{local_rank}"
+    dev = pick_device(device, local_rank)
     device_type = dev.split(":")[0]
     if device_type == "cuda":
         torch.cuda.set_device(dev)
