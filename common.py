@@ -328,6 +328,14 @@ def atomic_write(path, write):
         raise
 
 
+def write_text_file(path, text):
+    """Atomically write a text file, closed (and so flushed) before it is renamed into place."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
 def save_checkpoint(path, checkpoint):
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from common import (PAD, UserError, atomic_write, configure, die, load_checkpoint, load_data, load_encoder, norm_scale,
-                    pick_device, predict_table, top1_hits)
+                    pick_device, predict_table, top1_hits, write_text_file)
 
 model = "mistralai/Mistral-7B-v0.1"  # whose table: data/<name>/ from prepare_mistral_data.py
 out_dir = "out-mistral"  # holds ckpt.pt from train.py; the plots, eval.json and new_embeddings.safetensors go here too
@@ -151,6 +151,6 @@ atomic_write(os.path.join(out_dir, "new_embeddings.safetensors"),
 report = {"model": meta["model"], "revision": meta["revision"], "vocab_size": vocab_size, "dim": dim,
           "checkpoint": os.path.join(out_dir, "ckpt.pt"), "iter_num": checkpoint["iter_num"], "norm_scale": scale,
           "groups": summary, "by_length": by_length, "seconds": round(time.time() - started, 1)}
-atomic_write(os.path.join(out_dir, "eval.json"), lambda tmp: open(tmp, "w").write(json.dumps(report, indent=1) + "\n"))
+write_text_file(os.path.join(out_dir, "eval.json"), json.dumps(report, indent=1) + "\n")
 print(f"\nnorm scale {scale:.3f}; wrote {out_dir}/new_embeddings.safetensors, eval.json, norms.png, accuracy_by_length.png "
       f"in {report['seconds']:.0f}s")

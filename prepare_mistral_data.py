@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from common import (PAD, UserError, atomic_write, configure, data_dir, encode_bytes, load_tokenizer,
-                    model_name, read_input_embeddings, resolve_model, run_main, token_bytes, untrained_rows)
+                    model_name, read_input_embeddings, resolve_model, run_main, token_bytes, untrained_rows, write_text_file)
 
 model = "mistralai/Mistral-7B-v0.1"  # hub id, local folder, or "smollm2"
 block_size = 50  # the prototype's width; grows to fit longer tokens, never truncates
@@ -48,12 +48,12 @@ def main():
             "tokens": entries}
 
     out = data_dir(model)
-    atomic_write(os.path.join(out, "input_ids.npy"), lambda tmp: np.save(open(tmp, "wb"), input_ids))
-    atomic_write(os.path.join(out, "embeddings.npy"), lambda tmp: np.save(open(tmp, "wb"), table.numpy().astype(np.float32)))
+    atomic_write(os.path.join(out, "input_ids.npy"), lambda tmp: np.save(tmp, input_ids))
+    atomic_write(os.path.join(out, "embeddings.npy"), lambda tmp: np.save(tmp, table.numpy().astype(np.float32)))
     # one token per line keeps a 50k-token file readable with less and grep
     header = json.dumps({k: v for k, v in meta.items() if k != "tokens"}, indent=1)[:-2]
     body = ",\n".join(json.dumps(e, ensure_ascii=False) for e in entries)
-    atomic_write(os.path.join(out, "meta.json"), lambda tmp: open(tmp, "w").write(f'{header},\n "tokens": [\n{body}\n]}}\n'))
+    write_text_file(os.path.join(out, "meta.json"), f'{header},\n "tokens": [\n{body}\n]}}\n')
     lengths = (input_ids != PAD).sum(1) - 2
     print(f"wrote {out}/: {len(tokens)} tokens x {table.shape[1]} dims, {kind} tokenizer, block {input_ids.shape[1]}, "
           f"mean token {lengths.mean():.2f} bytes, longest {lengths.max()}; " +

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from common import DOC_MODULES, UserError, atomic_write, configure, default_text, load_lm, perplexity, pick_device, run_main
+from common import DOC_MODULES, UserError, configure, default_text, load_lm, perplexity, pick_device, run_main, write_text_file
 
 model = "mistralai/Mistral-7B-v0.1"  # hub id, local folder, or "smollm2"
 out_dir = "out-mistral"  # holds new_embeddings.safetensors from evaluate.py; splice.json goes here
@@ -117,7 +117,7 @@ def main():
               "perplexity": {"original": ppl_original, "spliced": ppl_spliced},
               "answer": {"original": results["original"]["answer"], "spliced": results["spliced"]["answer"]},
               "seconds": round(time.time() - started, 1)}
-    atomic_write(os.path.join(out_dir, "splice.json"), lambda tmp: open(tmp, "w").write(json.dumps(report, indent=1) + "\n"))
+    write_text_file(os.path.join(out_dir, "splice.json"), json.dumps(report, indent=1) + "\n")
     print(f"wrote {out_dir}/splice.json in {report['seconds']:.0f}s")
 
 
