@@ -155,6 +155,8 @@ def main():
 
     # on a table whose rows share a large common direction (tied SmolLM2), a handful of rows
     # that point along it win the dot product against most predictions: keep them in every softmax
+    if not 0 <= softmax_hub_negatives <= len(table):
+        raise UserError(f"softmax_hub_negatives={softmax_hub_negatives} must be between 0 and the table's {len(table)} rows")
     hubs = (table @ table.mean(0)).topk(softmax_hub_negatives).indices
 
     # a generator of its own, so evals never shift the training's random stream

@@ -89,6 +89,13 @@ def test_unknown_init_from(tiny_mistral, prepared_mistral, workdir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_too_many_hub_negatives(tiny_mistral, prepared_mistral, workdir, tmp_path):
+    proc = run_script("train.py", f"--model={tiny_mistral.folder}", f"--out_dir={tmp_path / 'out'}",
+                      "--softmax_hub_negatives=40000", cwd=workdir)
+    fails_with(proc, "softmax_hub_negatives=40000", "32000 rows")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture
 def out_copy(trained_mistral, evaluated_mistral, tmp_path):
     """A copy of the tiny Mistral's trained and evaluated out_dir, safe to point bad runs at."""
