@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from common import (PAD, UserError, atomic_write, configure, die, load_checkpoint, load_data, load_encoder, norm_scale,
-                    pick_device, predict_table, top1_hits, write_text_file)
+from configurator import check, configure, pick_device
+from metrics import closeness, top1_hits
+from model import PAD
+from storage import atomic_write, check_writable, data_identity, load_checkpoint, load_data, load_encoder, write_text_file
 
 model = "mistralai/Mistral-7B-v0.1"  # whose table: data/<name>/ from prepare_mistral_data.py
 out_dir = "out-mistral"  # holds ckpt.pt from train.py; the plots, eval.json and new_embeddings.safetensors go here too
@@ -30,22 +32,23 @@ batch_size = 1024  # tokens per encoder forward pass
 device = "auto"  # auto: cuda, then mps, then cpu
 # inside a Jupyter kernel sys.argv holds the kernel's own flags: edit the globals above instead
 configure(globals(), [] if "ipykernel" in sys.modules else None)
+check(globals(), "batch_size", 1)
 device = pick_device(device)
 started = time.time()
 
 # %% load the prepared data and the checkpoint trained on it
-try:
-    input_ids, table, meta = load_data(model)
-    checkpoint = load_checkpoint(out_dir, meta)
-except UserError as e:
-    die(str(e))
+data = load_data(model)
+checkpoint = load_checkpoint(out_dir, data_identity(data))
+check_writable(out_dir)
 encoder = load_encoder(checkpoint, device)
+input_ids, table = data.input_ids, data.table
 vocab_size, dim = table.shape
-print(f"{meta['model']}: table {vocab_size}x{dim}; checkpoint {out_dir}/ckpt.pt at iteration {checkpoint['iter_num']}")
+print(f"{data.meta['model']}: table {vocab_size}x{dim}; checkpoint {out_dir}/ckpt.pt at iteration {checkpoint['iter_num']}")
 
-# %% predict the whole table, untrained and duplicate rows included: new tokens are the point
-predicted = predict_table(encoder, input_ids, batch_size, device)
-# argmax over the whole table, chunked by top1_hits; on the device because it is V x V x D work
+# %% predict the whole table, untrained and duplicate rows included: new tokens are the point.
+# This prediction, as it is, is what test_mistral.py splices in and tokens.py's soft rows are
+predicted = encoder.predict(input_ids, batch_size)
+# argmax over the whole table, chunked; on the device because it is V x V x D work
 table_dev, ids = table.to(device), torch.arange(vocab_size)
 chunk = 8192
 hits = torch.cat([top1_hits(predicted[start:start + chunk].to(device), table_dev, ids[start:start + chunk].to(device)).cpu()
@@ -53,11 +56,13 @@ hits = torch.cat([top1_hits(predicted[start:start + chunk].to(device), table_dev
 del table_dev
 cosine = F.cosine_similarity(predicted, table, dim=1)
 norm_original, norm_predicted = table.norm(dim=1), predicted.norm(dim=1)
+mean_row = table[data.train_ids].mean(0)
 
-# %% the numbers per group; special tokens also sit in trained or held-out, the rest are disjoint
+# %% the numbers per group; special tokens also sit in trained or held-out, the rest are disjoint.
+# "in text" counts every token as often as the training text uses it: that is what a spliced LM reads
 def flagged(flag):
     mask = torch.zeros(vocab_size, dtype=torch.bool)
-    mask[[t["id"] for t in meta["tokens"] if flag in t["flags"]]] = True
+    mask[[t["id"] for t in data.meta["tokens"] if flag in t["flags"]]] = True
     return mask
 
 
@@ -67,25 +72,30 @@ def id_mask(token_ids):
     return mask
 
 
-groups = {"trained": id_mask(checkpoint["train_ids"]), "held-out": id_mask(checkpoint["val_ids"]),
+groups = {"trained": id_mask(data.train_ids), "held-out": id_mask(data.val_ids), "in text": data.text_counts > 0,
           "special": flagged("special"), "untrained": flagged("untrained"), "duplicate": flagged("duplicate"),
           "all": torch.ones(vocab_size, dtype=torch.bool)}
 
 
-def summarize(mask):
+def summarize(mask, weights=None):
     if not mask.any():
-        return {"count": 0, "top1": None, "cosine": None, "norm_original": None, "norm_predicted": None}
-    return {"count": int(mask.sum()), "top1": hits[mask].float().mean().item(), "cosine": cosine[mask].mean().item(),
-            "norm_original": norm_original[mask].mean().item(), "norm_predicted": norm_predicted[mask].mean().item()}
+        return {"count": 0, "top1": None, "cosine": None, "explained": None, "norm_original": None, "norm_predicted": None}
+    weights = torch.ones(int(mask.sum())) if weights is None else weights[mask].float()
+    share = weights / weights.sum()
+    return {"count": int(mask.sum()), "top1": (share * hits[mask]).sum().item(),
+            **closeness(predicted[mask], table[mask], mean_row, weights),
+            "norm_original": (share * norm_original[mask]).sum().item(), "norm_predicted": (share * norm_predicted[mask]).sum().item()}
 
 
-summary = {name: summarize(mask) for name, mask in groups.items()}
-print(f"\n{'group':<10} {'tokens':>7} {'top-1':>7} {'cosine':>7} {'norm orig':>10} {'norm pred':>10}")
+summary = {name: summarize(mask, data.text_counts if name == "in text" else None) for name, mask in groups.items()}
+print(f"\n{'group':<10} {'tokens':>7} {'top-1':>7} {'cosine':>7} {'expl.var':>8} {'norm orig':>10} {'norm pred':>10}")
 for name, g in summary.items():
     if g["count"] == 0:
-        print(f"{name:<10} {0:>7} {'-':>7} {'-':>7} {'-':>10} {'-':>10}")
+        print(f"{name:<10} {0:>7} {'-':>7} {'-':>7} {'-':>8} {'-':>10} {'-':>10}")
     else:
-        print(f"{name:<10} {g['count']:>7} {g['top1']:>7.2%} {g['cosine']:>7.3f} {g['norm_original']:>10.3f} {g['norm_predicted']:>10.3f}")
+        print(f"{name:<10} {g['count']:>7} {g['top1']:>7.2%} {g['cosine']:>7.3f} {g['explained']:>8.3f} "
+              f"{g['norm_original']:>10.3f} {g['norm_predicted']:>10.3f}")
+print(f"(in text: weighted by each token's count in the {data.meta['training_text_tokens']} tokens of the training text)")
 if summary["untrained"]["count"] or summary["duplicate"]["count"]:
     # the original rows of untrained tokens are noise and a duplicate's prediction is its owner's
     print("(untrained and duplicate rows have no real target: only their norms say something)")
@@ -100,43 +110,41 @@ for split in ("trained", "held-out"):
     by_length[split] = []
     for i, label in enumerate(buckets):
         g = summarize(groups[split] & (bucket_of == i))
-        by_length[split].append({"bytes": label, "count": g["count"], "top1": g["top1"], "cosine": g["cosine"]})
-print(f"\n{'bytes':<6} {'trained':>8} {'top-1':>7} {'held-out':>9} {'top-1':>7}")
+        by_length[split].append({"bytes": label, "count": g["count"], "top1": g["top1"], "cosine": g["cosine"], "explained": g["explained"]})
+print(f"\n{'bytes':<6} {'trained':>8} {'top-1':>7} {'cosine':>7} {'held-out':>9} {'top-1':>7} {'cosine':>7}")
 for train_row, val_row in zip(by_length["trained"], by_length["held-out"]):
-    cells = [f"{row['count']:>{w}} " + (f"{row['top1']:>7.2%}" if row["count"] else f"{'-':>7}")
+    cells = [f"{row['count']:>{w}} " + (f"{row['top1']:>7.2%} {row['cosine']:>7.3f}" if row["count"] else f"{'-':>7} {'-':>7}")
              for row, w in ((train_row, 8), (val_row, 9))]
     print(f"{train_row['bytes']:<6} " + " ".join(cells))
 
-# %% the norm-scale fix, and plots
-# one global factor from the trained rows (see norm_scale): a factor per row would read the
-# original row's norm, which a new token does not have
-scale = norm_scale(predicted[groups["trained"]], table[groups["trained"]])
-
+# %% plots
 fig, ax = plt.subplots(figsize=(8, 4.5))
-top = torch.quantile(torch.cat([norm_original, norm_predicted, norm_predicted * scale]), 0.999).item()
+top = torch.quantile(torch.cat([norm_original, norm_predicted]), 0.999).item()
 bins = torch.linspace(0, top, 81).numpy()
 ax.hist(norm_original.numpy(), bins=bins, histtype="stepfilled", alpha=0.35, color="C0", label="original rows")
 ax.hist(norm_predicted.numpy(), bins=bins, histtype="step", linewidth=1.8, color="C3", label="predicted rows")
-ax.hist((norm_predicted * scale).numpy(), bins=bins, histtype="step", linewidth=1.8, linestyle="--", color="C2",
-        label=f"predicted x {scale:.2f} (saved)")
 ax.set_xlabel("row norm (L2)")
 ax.set_ylabel("tokens")
-ax.set_title(f"{meta['name']}: embedding row norms, all {vocab_size} tokens")
+ax.set_title(f"{data.meta['name']}: embedding row norms, all {vocab_size} tokens")
 ax.legend()
 fig.tight_layout()
 atomic_write(os.path.join(out_dir, "norms.png"), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 plt.close(fig)
 
-fig, (acc_ax, count_ax) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1.2]})
+fig, (acc_ax, cos_ax, count_ax) = plt.subplots(3, 1, figsize=(9, 8), sharex=True, gridspec_kw={"height_ratios": [3, 3, 1.2]})
 x = torch.arange(len(buckets)).numpy()
 for offset, split, color in ((-0.2, "trained", "C0"), (0.2, "held-out", "C1")):
     acc_ax.bar(x + offset, [r["top1"] or 0.0 for r in by_length[split]], width=0.4, color=color, label=split)
+    cos_ax.bar(x + offset, [r["cosine"] or 0.0 for r in by_length[split]], width=0.4, color=color)
     count_ax.bar(x + offset, [r["count"] for r in by_length[split]], width=0.4, color=color)
 acc_ax.set_ylim(0, 1)
 acc_ax.set_ylabel("top-1 accuracy")
-acc_ax.set_title(f"{meta['name']}: top-1 accuracy by token length")
+acc_ax.set_title(f"{data.meta['name']}: top-1 and cosine to the true row by token length")
 acc_ax.legend()
-acc_ax.grid(axis="y", alpha=0.3)
+cos_ax.set_ylim(0, 1)
+cos_ax.set_ylabel("cosine")
+for ax in (acc_ax, cos_ax):
+    ax.grid(axis="y", alpha=0.3)
 count_ax.set_yscale("log")
 count_ax.set_ylabel("tokens")
 count_ax.set_xlabel("token length in bytes")
@@ -145,12 +153,10 @@ fig.tight_layout()
 atomic_write(os.path.join(out_dir, "accuracy_by_length.png"), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 plt.close(fig)
 
-# %% save the rescaled prediction for test_mistral.py, and the numbers for bench and README
-atomic_write(os.path.join(out_dir, "new_embeddings.safetensors"),
-             lambda tmp: save_file({"embeddings": (predicted * scale).contiguous()}, tmp))
-report = {"model": meta["model"], "revision": meta["revision"], "vocab_size": vocab_size, "dim": dim,
-          "checkpoint": os.path.join(out_dir, "ckpt.pt"), "iter_num": checkpoint["iter_num"], "norm_scale": scale,
+# %% save the prediction for test_mistral.py, and the numbers for bench and README
+atomic_write(os.path.join(out_dir, "new_embeddings.safetensors"), lambda tmp: save_file({"embeddings": predicted.contiguous()}, tmp))
+report = {"model": data.meta["model"], "revision": data.meta["revision"], "vocab_size": vocab_size, "dim": dim,
+          "checkpoint": os.path.join(out_dir, "ckpt.pt"), "iter_num": checkpoint["iter_num"],
           "groups": summary, "by_length": by_length, "seconds": round(time.time() - started, 1)}
 write_text_file(os.path.join(out_dir, "eval.json"), json.dumps(report, indent=1) + "\n")
-print(f"\nnorm scale {scale:.3f}; wrote {out_dir}/new_embeddings.safetensors, eval.json, norms.png, accuracy_by_length.png "
-      f"in {report['seconds']:.0f}s")
+print(f"\nwrote {out_dir}/new_embeddings.safetensors, eval.json, norms.png, accuracy_by_length.png in {report['seconds']:.0f}s")

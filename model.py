@@ -1,6 +1,8 @@
 """
-The byte encoder: a small bidirectional transformer that reads a token's UTF-8 bytes,
-[start] bytes [end] [pad]..., and predicts the row the LM's embedding table has for it.
+The byte encoder and its loss. A small bidirectional transformer reads a token's UTF-8 bytes,
+[start] bytes [end] [pad]..., and an MLP on the state at [end] predicts the row the LM's
+embedding table has for that token. forward(idx, targets) returns the prediction and, given
+the true rows, the loss.
 """
 import math
 from dataclasses import dataclass
@@ -8,8 +10,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from common import BYTE_VOCAB, PAD
+START, END, PAD = 256, 257, 258  # byte ids are 0..255
+BYTE_VOCAB = 259
 
 
 @dataclass
@@ -22,6 +26,22 @@ class ByteEncoderConfig:
     head_hidden: int = 2048  # width of the MLP that projects the end-token state up to n_out
     dropout: float = 0.0
     bias: bool = True
+    # hashed byte n-grams (fastText, BLT's local encoder): each position also gets the vectors of
+    # the n-grams of 2..ngram_max symbols that end there, from a table of ngram_buckets rows.
+    # Much capacity for little compute; an n-gram that holds all of a token's bytes is left out,
+    # so no vector ever stands for one whole token
+    ngram_max: int = 0  # 0: no n-grams
+    ngram_buckets: int = 2**18
+
+
+@dataclass
+class LossConfig:
+    """A weighted sum of L1, MSE and a softmax over table rows (the prototype metric's own loss)."""
+    l1_weight: float = 1.0
+    mse_weight: float = 1.0
+    softmax_weight: float = 0.0
+    softmax_temperature: float = 1.0
+    fisher_weight: float = 0.0  # (pred - true)^T F (pred - true) / D, F the LM's input Fisher matrix (lm.input_fisher)
 
 
 class SelfAttention(nn.Module):
@@ -66,12 +86,59 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def embedding_loss(pred, targets, loss, weights=None, ids=None, negatives=None, negative_ids=None, fisher=None):
+    """How far predicted rows [B, D] are from the true rows [B, D], as `loss` (a LossConfig)
+    weighs it. weights [B]: each token's share of the loss (mean 1 over the vocabulary);
+    fisher [D, D]: the metric of the fisher term.
+    The softmax term scores each prediction against the batch's true rows plus the rows
+    `negatives` [K, D] and must pick its own. With the token ids of the batch (ids [B]) and of
+    the negatives (negative_ids [K]), every candidate row stands once: a negative that is a
+    token of the batch, or a second copy of a token in the batch, is left out."""
+    pred, targets = pred.float(), targets.float()
+    per_token = torch.zeros(len(pred), device=pred.device)
+    if loss.l1_weight:
+        per_token = per_token + loss.l1_weight * (pred - targets).abs().mean(1)
+    if loss.mse_weight:
+        per_token = per_token + loss.mse_weight * (pred - targets).pow(2).mean(1)
+    if loss.fisher_weight:
+        error = pred - targets
+        per_token = per_token + loss.fisher_weight * ((error @ fisher) * error).mean(1)
+    if loss.softmax_weight:
+        candidates = targets if negatives is None else torch.cat([targets, negatives.float()])
+        logits = pred @ candidates.T / loss.softmax_temperature
+        labels = torch.arange(len(pred), device=pred.device)
+        if ids is not None:
+            same = ids[None, :] == ids[:, None]
+            # of a token twice in the batch, only the first copy is a candidate, but each copy's own row stays its label
+            later_copy = (same & (labels[:, None] < labels[None, :])).any(0)
+            repeated = (same | later_copy[None, :]) & (labels[None, :] != labels[:, None])
+            in_batch = torch.isin(negative_ids, ids)[None, :].expand(len(ids), -1) if negatives is not None else repeated[:, :0]
+            logits = logits.masked_fill(torch.cat([repeated, in_batch], 1), float("-inf"))
+        per_token = per_token + loss.softmax_weight * F.cross_entropy(logits, labels, reduction="none")
+    return (per_token * weights).mean() if weights is not None else per_token.mean()
+
+
+def ngram_ids(idx, n, buckets):
+    """[B, T] bucket of the n symbols that end at each position (the first n-1 positions get
+    one too; callers mask them), from a polynomial hash of the symbols."""
+    ids = torch.zeros_like(idx)
+    for k in range(n):
+        # the symbol k places back, or PAD before the start: masked anyway
+        back = F.pad(idx[:, :idx.shape[1] - k], (k, 0), value=PAD) if k else idx
+        ids = (ids * 1000003 + back) % (2**31 - 1)
+    return (ids * 2654435761 + n) % buckets
+
+
 class ByteEncoder(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, sparse_ngrams=True):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(BYTE_VOCAB, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if config.ngram_max:
+            # the last row is "no n-gram": zero, never trained. Sparse gradients, so that a step
+            # costs the rows the batch touched, not the whole table (SparseAdam steps them)
+            self.ngram = nn.Embedding(config.ngram_buckets + 1, config.n_embd, padding_idx=config.ngram_buckets, sparse=sparse_ngrams)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -93,25 +160,72 @@ class ByteEncoder(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.padding_idx is not None:
+                nn.init.zeros_(module.weight[module.padding_idx])
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx):
-        """idx: [B, T] byte ids, any T from the longest token up to block_size. Returns [B, n_out]."""
+    def forward(self, idx, targets=None, loss=None, **loss_inputs):
+        """idx: [B, T] byte ids, any T from the longest token up to block_size. Returns the
+        predicted rows [B, n_out] and, with targets (the true rows) and a LossConfig, the loss."""
         B, T = idx.shape
         keep = idx != PAD
         pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = self.wte(idx) + self.wpe(pos)
+        if self.config.ngram_max:
+            x = x + self.ngram_vectors(idx, keep)
+        x = self.drop(x)
         for block in self.blocks:
             x = block(x, keep)
         # the state at the [end] position sums up the whole token
         end = keep.sum(1) - 1
-        x = self.ln_f(x[torch.arange(B, device=idx.device), end])
-        return self.head(x)
+        pred = self.head(self.ln_f(x[torch.arange(B, device=idx.device), end]))
+        if targets is None:
+            return pred, None
+        return pred, embedding_loss(pred, targets, loss, **loss_inputs)
 
-    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
-        decay = [p for p in self.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+    def ngram_vectors(self, idx, keep):
+        """The sum of the vectors of the n-grams that end at each position."""
+        T = idx.shape[1]
+        is_byte = (idx < 256).long()
+        token_bytes = is_byte.sum(1, keepdim=True)
+        none = self.config.ngram_buckets
+        out = 0
+        for n in range(2, min(self.config.ngram_max, T) + 1):
+            # symbols and bytes in the n places ending at each position, by running sums
+            kept = F.pad(keep.long().cumsum(1), (n, 0))
+            bytes_in = F.pad(is_byte.cumsum(1), (n, 0))
+            whole = (kept[:, n:] - kept[:, :T]) == n  # n real symbols, none of them padding
+            partial = (bytes_in[:, n:] - bytes_in[:, :T]) < token_bytes  # not all of the token's bytes
+            ids = ngram_ids(idx, n, self.config.ngram_buckets).masked_fill(~(whole & partial), none)
+            out = out + self.ngram(ids)
+        return out
+
+    @torch.no_grad()
+    def predict(self, input_ids, batch_size=1024):
+        """Every row of input_ids [N, block] through the encoder, in batches of tokens of similar
+        length trimmed to their longest, so little padding is computed; rows come back in order."""
+        device = next(self.parameters()).device
+        lengths = (input_ids != PAD).sum(1)
+        order = lengths.argsort()
+        rows = []
+        for start in tqdm(range(0, len(input_ids), batch_size), desc="predicting", leave=False, disable=len(input_ids) <= batch_size):
+            chunk = order[start:start + batch_size]
+            width = int(lengths[chunk].max())
+            rows.append(self(input_ids[chunk, :width].to(device))[0].float().cpu())
+        predicted = torch.empty(len(input_ids), self.config.n_out)
+        predicted[order] = torch.cat(rows)
+        return predicted
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW for the dense weights; the n-gram table, if any, gets SparseAdam (only the rows a
+        batch touched move, and nothing decays a row between its visits)."""
+        ngram = [self.ngram.weight] if self.config.ngram_max else []
+        dense = [p for p in self.parameters() if all(p is not q for q in ngram)]
+        groups = [{"params": [p for p in dense if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in dense if p.dim() < 2], "weight_decay": 0.0}]
+        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")]
+        if ngram:
+            optimizers.append(torch.optim.SparseAdam(ngram, lr=learning_rate, betas=betas))
+        return optimizers

@@ -1,12 +1,8 @@
 """
 Embed what the LM never learned. Find the rows of its input table that were never trained,
-fill them, or add new tokens; each row comes from one of three methods:
-  soft  the byte encoder's prediction from the token's bytes (a checkpoint from train.py)
-  mean  the mean of the trained rows (Unsloth's fix_untrained_tokens)
-  fvt   the mean of the rows of the pieces the tokenizer splits the token into when the
-        token itself is not allowed (fast vocabulary transfer); the mean row if there are none
-`compare` measures the three on tokens whose true rows are known: the held-out tokens of a
-checkpoint, which the encoder never saw.
+fill them, or add new tokens, each row made by one of filling.py's methods (soft, mean, fvt).
+`compare` measures the three on tokens whose true rows are known: the held-out tokens of the
+prepared data, which the encoder never saw.
 
 $ python tokens.py detect --model=mistralai/Mistral-7B-v0.1
 $ python tokens.py repair --model=mistralai/Mistral-7B-v0.1 --out_dir=out-mistral --method=soft --save=mistral-repaired
@@ -29,111 +25,49 @@ byte-level BPE, "▁word" in SentencePiece), so add " word" with its space for t
 one the encoder reads as the bytes " word"; "word" alone is the form at the start of a text
 or after punctuation, and after a space it leaves the space as a token of its own.
 """
-import argparse
-import json
 import os
-import re
+import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (UserError, atomic_write, default_text, encode_bytes, load_checkpoint, load_data, load_encoder,
-                    load_lm, load_tokenizer, norm_scale, perplexity, predict_table, read_input_embeddings,
-                    resolve_model, run_main, token_bytes, token_piece, tokenizer_kind, untrained_rows)
+from configurator import UserError, check, configure, pick_device
+from filling import METHODS, new_rows
+from lm import load_lm, load_tokenizer, perplexity, read_input_embeddings, resolve_model, scoring_texts, untie_head
+from spelling import token_bytes, token_piece, untrained_rows
+from storage import atomic_write, data_identity, load_checkpoint, load_data
 
-METHODS = ("mean", "fvt", "soft")
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # the repository's convention for a user's mistake: one sentence, exit 1
-        raise UserError(f"{message}; see python {self.prog} --help")
-
-
-def parse_args():
-    parser = Parser(prog="tokens.py", description="Find untrained rows, fill them, add tokens, compare the fillings.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    detect = commands.add_parser("detect", help="list the untrained rows of the input table")
-    repair = commands.add_parser("repair", help="write a copy of the model with its untrained rows filled")
-    add = commands.add_parser("add", help="write a copy of the model with new tokens")
-    compare = commands.add_parser("compare", help="fill the held-out tokens' rows by each method and score them")
-    for command in (detect, repair, add, compare):
-        command.add_argument("--model", default="smollm2", help="hub id, local folder, or smollm2 (default)")
-    for command in (repair, add, compare):
-        command.add_argument("--out_dir", default="out-smollm2", help="holds ckpt.pt from train.py (needed by soft and compare)")
-    for command in (repair, add):
-        command.add_argument("--method", choices=METHODS, default="soft")
-        command.add_argument("--save", required=True, help="new folder for the model and tokenizer")
-    add.add_argument("--tokens", nargs="+", required=True, help='strings to add, e.g. " zorblax" "<|tool|>"')
-    compare.add_argument("--text_file", default="", help="text for perplexity; empty: docstrings of standard library modules")
-    compare.add_argument("--eval_tokens", type=int, default=2048, help="perplexity over the first this many tokens")
-    compare.add_argument("--context", type=int, default=512, help="the text is scored in windows of this many tokens")
-    compare.add_argument("--device", default="auto", help="auto: cuda if there is one, else cpu")
-    return parser.parse_args()
-
-
-# -----------------------------------------------------------------------------
-# the three ways to make a row
-
-def bpe_without(tokenizer, banned):
-    """The tokenizer's BPE model, unable to produce the `banned` ids: the merges that make them
-    are gone, so their spelling falls apart into the pieces a vocabulary without them has."""
-    from tokenizers import Tokenizer
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = spec["model"]
-    if model["type"] != "BPE":
-        raise UserError(f"fvt needs a BPE tokenizer but this one is {model['type']}; use --method=mean or soft")
-    names = set(tokenizer.convert_ids_to_tokens(banned.tolist()))
-    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
-    model["merges"] = [m for m in merges if not {m[0], m[1], m[0] + m[1]} & names]
-    model["ignore_merges"] = False  # it would hand back a whole word found in the vocabulary, merges or not
-    if model.get("byte_fallback"):
-        # a single character is in the vocabulary without a merge; gone from it, it falls back
-        # to its bytes, so the <0xNN> tokens must stay (unknown ones are dropped later).
-        # Byte-level BPE has no fallback: its 256 characters must all stay
-        gone = {n for n in names if not re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", n)}
-        model["vocab"] = {piece: i for piece, i in model["vocab"].items() if piece not in gone}
-    return Tokenizer.from_str(json.dumps(spec)).model
-
-
-def fvt_rows(byte_strings, table, known, tokenizer):
-    kind = tokenizer_kind(tokenizer)
-    bpe = bpe_without(tokenizer, (~known).nonzero()[:, 0])
-    mean = table[known].mean(0)
-    rows, alone = [], 0
-    for data in tqdm(byte_strings, desc="fvt", leave=False, disable=len(byte_strings) < 1000):
-        piece = token_piece(data, kind)
-        # byte fallback can still hand back a banned or untrained row; only known rows count
-        pieces = [t.id for t in bpe.tokenize(piece) if known[t.id]] if piece else []
-        rows.append(table[pieces].mean(0) if pieces else mean)
-        alone += not pieces
-    if alone:
-        print(f"fvt: {alone} of {len(byte_strings)} tokens split into no known pieces and got the mean row")
-    return torch.stack(rows)
-
-
-def soft_rows(byte_strings, checkpoint):
-    """The encoder's predictions as they are, without evaluate.py's global norm scale: that
-    factor also stretches the component all rows share, and in a tied model, where the row is
-    an output row too, it lifts the new tokens above every other (see `compare`)."""
-    block_size = checkpoint["model_args"]["block_size"]
-    longest = max(byte_strings, key=len)
-    if len(longest) + 2 > block_size:
-        raise UserError(f"{longest.decode('utf-8', errors='replace')!r} is {len(longest)} bytes but the encoder reads at most {block_size - 2}; "
-                        f"use a shorter string or --method=fvt")
-    return predict_table(load_encoder(checkpoint), torch.from_numpy(encode_bytes(byte_strings, block_size).astype(np.int64)))
-
-
-def new_rows(method, byte_strings, table, known, tokenizer, checkpoint):
-    """Input rows for the tokens spelled `byte_strings`; only the rows of `table` marked `known`
-    are read, the rest are being filled or were never trained."""
-    if method == "mean":
-        return table[known].mean(0).expand(len(byte_strings), -1).clone()
-    if method == "fvt":
-        return fvt_rows(byte_strings, table, known, tokenizer)
-    return soft_rows(byte_strings, checkpoint)
+COMMANDS = ("detect", "repair", "add", "compare")
+model = "smollm2"  # hub id, local folder, or "smollm2"
+out_dir = "out-smollm2"  # holds ckpt.pt from train.py (needed by soft and compare)
+method = "soft"  # repair, add: mean, fvt or soft
+save = ""  # repair, add: a new folder for the model and tokenizer
+text_file = ""  # compare: text for perplexity; empty: the two evaluation texts from Python's documentation
+eval_tokens = 2048  # compare: perplexity over the first this many tokens of each text
+context = 512  # compare: a text is scored in windows of this many tokens
+device = "auto"  # compare: auto: cuda, then mps, then cpu
+# `python tokens.py COMMAND [config.py] [--key=value ...] [--tokens STRING ...]`: everything
+# after --tokens is a string to add, spaces and all
+if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+    raise UserError(f"the first argument must be a command: {', '.join(COMMANDS)}; e.g. python tokens.py detect --model=smollm2")
+command = sys.argv[1]
+settings = sys.argv[2:]
+new_strings = []
+if "--tokens" in settings:
+    new_strings = settings[settings.index("--tokens") + 1:]
+    settings = settings[:settings.index("--tokens")]
+configure(globals(), settings)
+if method not in METHODS:
+    raise UserError(f"method={method!r} is not known; use one of {', '.join(METHODS)}")
+if command in ("repair", "add") and not save:
+    raise UserError(f"{command} writes a new model folder: pass --save=FOLDER")
+if command == "add" and not new_strings:
+    raise UserError('add needs the strings to add after --tokens, e.g. --tokens " zorblax" "<|tool|>"')
+if command != "add" and new_strings:
+    raise UserError("--tokens is only for the add command")
+for key in ("eval_tokens", "context"):
+    check(globals(), key, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -191,16 +125,16 @@ def show_nearest(rows, table, known, tokens, tokenizer, ids):
 # -----------------------------------------------------------------------------
 # the subcommands
 
-def detect(args):
+def detect():
     # only the input table is read, so a 7B model costs one shard, not the whole checkpoint
-    folder, _ = resolve_model(args.model, only_embeddings=True)
+    folder, _ = resolve_model(model, only_embeddings=True)
     tokenizer = load_tokenizer(folder)
     table, _ = read_input_embeddings(folder)
     tokens, _ = token_bytes(tokenizer)
     table = table[:len(tokens)]
     norms = table.norm(dim=1)
     ids = untrained_rows(table).nonzero()[:, 0]
-    print(f"{args.model}: {len(ids)} of {len(tokens)} input rows untrained "
+    print(f"{model}: {len(ids)} of {len(tokens)} input rows untrained "
           f"(norm at most 0.1 x the median row's {norms.median():.4f})")
     if len(ids):
         print(f"{'id':>8} {'norm':>10}  {'token':<30} flags")
@@ -209,10 +143,10 @@ def detect(args):
         print(f"{token_id:>8} {norms[token_id]:>10.6f}  {describe(tokens, tokenizer, token_id):<30} {flags}")
 
 
-def repair(args):
-    check_new_folder(args.save)
+def repair():
+    check_new_folder(save)
     # the copy keeps the checkpoint's dtype: a 7B model in bfloat16 stays 14 GB, not 28
-    lm, tokenizer = load_lm(args.model, dtype="auto")
+    lm, tokenizer = load_lm(model, dtype="auto")
     tokens, _ = token_bytes(tokenizer)
     vocab_size = len(tokens)
     embed = lm.get_input_embeddings().weight
@@ -220,45 +154,45 @@ def repair(args):
     dead = untrained_rows(table)
     ids = dead.nonzero()[:, 0]
     if len(ids) == 0:
-        raise UserError(f"{args.model} has no untrained input rows (none has a norm below 0.1 x the median); there is nothing to repair")
+        raise UserError(f"{model} has no untrained input rows (none has a norm below 0.1 x the median); there is nothing to repair")
     checkpoint = None
-    if args.method == "soft":
-        checkpoint = load_checkpoint(args.out_dir, {"model": args.model, "vocab_size": vocab_size, "dim": table.shape[1]})
-    rows = new_rows(args.method, [tokens[i][0] for i in ids], table, ~dead, tokenizer, checkpoint)
+    if method == "soft":
+        checkpoint = load_checkpoint(out_dir, {"model": model, "vocab_size": vocab_size, "dim": table.shape[1]})
+    rows = new_rows(method, [tokens[i][0] for i in ids], table, ~dead, tokenizer, checkpoint)
     with torch.no_grad():
         embed[ids] = rows.to(embed.dtype)
     # an untied head may have untrained rows of its own (Llama 3's reserved tokens are zero on both sides)
     head = lm.get_output_embeddings().weight
     dead_out = untrained_rows(head.detach()[:vocab_size]).nonzero()[:, 0]
     fill_output_rows(lm, vocab_size, dead_out)
-    print(f"filled {len(ids)} untrained input rows by {args.method}" +
+    print(f"filled {len(ids)} untrained input rows by {method}" +
           ("" if head is embed else f" and {len(dead_out)} untrained output rows by the trained output rows' mean"))
     show_nearest(rows, table, ~dead, tokens, tokenizer, ids)
-    save_folder(lm, tokenizer, args.save)
-    print(f"wrote {args.save}")
+    save_folder(lm, tokenizer, save)
+    print(f"wrote {save}")
 
 
-def add(args):
+def add():
     from tokenizers import AddedToken
-    check_new_folder(args.save)
-    strings = args.tokens
+    check_new_folder(save)
+    strings = new_strings
     if any(not s for s in strings) or len(set(strings)) != len(strings):
         raise UserError("--tokens must be distinct, non-empty strings")
-    lm, tokenizer = load_lm(args.model, dtype="auto")  # keeps the checkpoint's dtype, as repair does
+    lm, tokenizer = load_lm(model, dtype="auto")  # keeps the checkpoint's dtype, as repair does
     tokens, kind = token_bytes(tokenizer)
     vocab_size = len(tokens)
     vocab = tokenizer.get_vocab()
     for s in strings:
         existing = vocab.get(s, vocab.get(token_piece(s.encode("utf-8"), kind)))
         if existing is not None:
-            raise UserError(f"{s!r} is already token {existing} of {args.model}; add only strings that are not tokens yet")
+            raise UserError(f"{s!r} is already token {existing} of {model}; add only strings that are not tokens yet")
     embed = lm.get_input_embeddings().weight
     table = embed.detach()[:vocab_size].float().clone()
     known = ~untrained_rows(table)
     checkpoint = None
-    if args.method == "soft":
-        checkpoint = load_checkpoint(args.out_dir, {"model": args.model, "vocab_size": vocab_size, "dim": table.shape[1]})
-    rows = new_rows(args.method, [s.encode("utf-8") for s in strings], table, known, tokenizer, checkpoint)
+    if method == "soft":
+        checkpoint = load_checkpoint(out_dir, {"model": model, "vocab_size": vocab_size, "dim": table.shape[1]})
+    rows = new_rows(method, [s.encode("utf-8") for s in strings], table, known, tokenizer, checkpoint)
 
     # matched on the raw text, before any normalizer, so the string is found exactly as given
     tokenizer.add_tokens([AddedToken(s, normalized=False, special=False) for s in strings])
@@ -274,11 +208,11 @@ def add(args):
         encoded = tokenizer(s, add_special_tokens=False)["input_ids"]
         if encoded != [token_id]:
             raise UserError(f"after adding {s!r} as token {token_id} the tokenizer still encodes it as {encoded}; nothing was written")
-    print(f"added {len(strings)} tokens to {args.model} ({vocab_size} -> {len(tokenizer)}), input rows by {args.method}")
+    print(f"added {len(strings)} tokens to {model} ({vocab_size} -> {len(tokenizer)}), input rows by {method}")
     tokens += [(s.encode("utf-8"), {"special"}) for s in strings]
     show_nearest(rows, table, known, tokens, tokenizer, ids)
-    save_folder(lm, tokenizer, args.save)
-    print(f"wrote {args.save}")
+    save_folder(lm, tokenizer, save)
+    print(f"wrote {save}")
 
 
 @torch.no_grad()
@@ -293,82 +227,60 @@ def true_ranks(rows, table, ids, chunk=1024):
     return torch.cat(ranks)
 
 
-def compare(args):
-    _, table, meta = load_data(args.model)
-    checkpoint = load_checkpoint(args.out_dir, meta)
-    held = checkpoint["val_ids"]
+def compare():
+    data = load_data(model)
+    checkpoint = load_checkpoint(out_dir, data_identity(data))
+    table, held = data.table, data.val_ids
     if len(held) == 0:
-        raise UserError(f"the checkpoint in {args.out_dir} has no held-out tokens; train with val_fraction above 0")
-    if args.text_file and not os.path.isfile(args.text_file):
-        raise UserError(f"--text_file {args.text_file} does not exist; pass a UTF-8 text file, or leave it out for the default text")
-    if args.text_file:
-        with open(args.text_file, encoding="utf-8", errors="replace") as f:
-            text, source = f.read(), args.text_file
-    else:
-        text, source = default_text(), "standard library docstrings"
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    lm, tokenizer = load_lm(args.model, device=device)
+        raise UserError(f"the data in {data.folder} has no held-out tokens; prepare it with val_fraction above 0")
+    texts = scoring_texts(text_file)
+    lm, tokenizer = load_lm(model, device=pick_device(device))
     tokens, _ = token_bytes(tokenizer)
-    vocab_size = len(tokens)
-    untrained = torch.tensor(["untrained" in t["flags"] for t in meta["tokens"]])
-    known = ~untrained
+    known = ~torch.tensor(["untrained" in t["flags"] for t in data.meta["tokens"]])
     known[held] = False
-    held_bytes = [tokens[i][0] for i in held]
     rows = {"true": table[held]}
-    rows.update({method: new_rows(method, held_bytes, table, known, tokenizer, checkpoint) for method in METHODS})
-    train_ids = checkpoint["train_ids"]
-    scale = norm_scale(soft_rows([tokens[i][0] for i in train_ids], checkpoint), table[train_ids])
-    rows["soft_scaled"] = rows["soft"] * scale
+    rows.update({name: new_rows(name, [tokens[i][0] for i in held], table, known, tokenizer, checkpoint) for name in METHODS})
 
     scores = {}
     for name, filled in rows.items():
         ranks = true_ranks(filled, table, held)
         scores[name] = {"cosine": F.cosine_similarity(filled, table[held], dim=1).mean().item(),
                         "median_rank": ranks.float().median().item(), "mean_rank": ranks.float().mean().item(),
-                        "hit1": (ranks == 1).float().mean().item()}
+                        "hit1": (ranks == 1).float().mean().item(), "ppl_input": {}, "ppl_tied": {}}
 
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][0][:args.eval_tokens]
-    if len(ids) < 2:
-        raise UserError(f"the evaluation text ({source}) is shorter than two tokens; pass a longer --text_file")
-    occurrences = int(torch.isin(ids, held).sum())
+    text_ids = {name: tokenizer(text, return_tensors="pt")["input_ids"][0][:eval_tokens] for name, text in texts.items()}
     embed, head = lm.get_input_embeddings(), lm.get_output_embeddings()
-    tied = head.weight is embed.weight
     # a tied model gets a head of its own, so filling the input rows leaves the output side as
-    # trained; the tied column then fills the head's rows too, as a tied model would after add
-    if tied:
-        head.weight = torch.nn.Parameter(embed.weight.detach().clone())
+    # trained; the "tied" columns then fill the head's rows too, as a tied model would after add
+    tied = untie_head(lm)
     true_in, true_out = embed.weight[held].clone(), head.weight[held].clone()
     for name in tqdm(rows, desc="perplexity", leave=False):
         with torch.no_grad():
-            embed.weight[held] = rows[name].to(embed.weight)
-            scores[name]["ppl_input"] = perplexity(lm, ids, args.context)
-            if tied and name == "true":
-                scores[name]["ppl_tied"] = scores[name]["ppl_input"]
-            elif tied:
-                head.weight[held] = rows[name].to(head.weight)
-                scores[name]["ppl_tied"] = perplexity(lm, ids, args.context)
-            embed.weight[held], head.weight[held] = true_in, true_out
+            for text, ids in text_ids.items():
+                embed.weight[held] = rows[name].to(embed.weight)
+                scores[name]["ppl_input"][text] = perplexity(lm, ids, context)
+                if tied:
+                    head.weight[held] = rows[name].to(head.weight)
+                    scores[name]["ppl_tied"][text] = perplexity(lm, ids, context)
+                embed.weight[held], head.weight[held] = true_in, true_out
 
     labels = {"true": "true rows (the LM's own)", "mean": "mean of trained rows", "fvt": "fvt (mean of the pieces' rows)",
-              "soft": "soft (byte encoder)", "soft_scaled": f"soft x evaluate.py's norm scale {scale:.2f} (not written)"}
-    print(f"\n{meta['model']}: the {len(held)} held-out tokens of {args.out_dir}/ckpt.pt (iteration {checkpoint['iter_num']}) "
-          f"as new tokens; perplexity on {len(ids)} tokens of {source}, {occurrences} of them held-out\n")
-    columns = ["rows of the held-out tokens", "cosine to true row", "rank of true token (median)", "rank (mean)", "hit@1",
-               "perplexity, input rows filled"] + (["perplexity, input and output rows filled"] if tied else [])
+              "soft": "soft (byte encoder)"}
+    print(f"\n{data.meta['model']}: the {len(held)} held-out tokens of {data.folder} as new tokens, soft rows from "
+          f"{out_dir}/ckpt.pt (iteration {checkpoint['iter_num']}); perplexity on " +
+          "; ".join(f"{len(ids)} tokens of {text} ({int(torch.isin(ids, held).sum())} held-out)" for text, ids in text_ids.items()) + "\n")
+    columns = ["rows of the held-out tokens", "cosine to true row", "rank of true token (median)", "rank (mean)", "hit@1"]
+    columns += [f"perplexity on {text}, input rows filled" for text in text_ids]
+    columns += [f"perplexity on {text}, input and output rows filled" for text in text_ids] if tied else []
     print("| " + " | ".join(columns) + " |")
     print("|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|")
-    for name, s in scores.items():
-        cells = [labels[name], f"{s['cosine']:.3f}", f"{s['median_rank']:.0f}", f"{s['mean_rank']:.0f}", f"{s['hit1']:.1%}",
-                 f"{s['ppl_input']:.3f}"] + ([f"{s['ppl_tied']:.3f}"] if tied else [])
+    for name, score in scores.items():
+        cells = [labels[name], f"{score['cosine']:.3f}", f"{score['median_rank']:.0f}", f"{score['mean_rank']:.0f}", f"{score['hit1']:.1%}"]
+        cells += [f"{score['ppl_input'][text]:.3f}" for text in text_ids]
+        cells += [f"{score['ppl_tied'][text]:.3f}" for text in text_ids] if tied else []
         print("| " + " | ".join(cells) + " |")
-    print(f"\nranks: of the true token when the filled row is scored against all {vocab_size} true input rows" +
-          (", which in this tied LM are the LM head; in the last column the filled row is the token's output row too" if tied else ""))
+    print(f"\nranks: of the true token when the filled row is scored against all {len(table)} true input rows" +
+          (", which in this tied LM are the LM head; in the last columns the filled row is the token's output row too" if tied else ""))
 
 
-def main():
-    args = parse_args()
-    {"detect": detect, "repair": repair, "add": add, "compare": compare}[args.command](args)
-
-
-if __name__ == "__main__":
-    run_main(main)
+{"detect": detect, "repair": repair, "add": add, "compare": compare}[command]()

@@ -9,7 +9,8 @@ import numpy as np
 import sentencepiece
 from safetensors import safe_open
 
-from common import END, PAD, START, resolve_model
+from lm import resolve_model
+from model import END, PAD, START
 from helpers import BYTE_A, TOKEN_A, fails_with, files_under, mistral_tokenizer_model, run_script, succeeds
 
 
@@ -28,7 +29,7 @@ def test_table_is_the_checkpoints_embedding(tiny_mistral, prepared_mistral):
 
 
 def test_input_ids_spell_each_sentencepiece_piece(prepared_mistral):
-    """Checked against the pieces of tokenizer.model itself, not against common.token_bytes."""
+    """Checked against the pieces of tokenizer.model itself, not against spelling.token_bytes."""
     input_ids, _, meta = load_prepared(prepared_mistral.data)
     processor = sentencepiece.SentencePieceProcessor(model_file=mistral_tokenizer_model())
     assert processor.get_piece_size() == 32000
@@ -104,3 +105,20 @@ def test_block_grows_for_longer_tokens(tmp_path):
     folder, _ = resolve_model("smollm2")
     with safe_open(str(folder) + "/model.safetensors", "np") as f:
         assert np.array_equal(table, f.get_tensor("model.embed_tokens.weight").astype(np.float32))
+
+
+def test_prepare_writes_the_split_and_text_counts(tiny_mistral, prepared_mistral, mistral_tokenizer):
+    """The split is a property of the data: disjoint, every usable id in exactly one part,
+    untrained and duplicate rows in neither; the counts are the training text's own."""
+    from lm import training_text
+    data = prepared_mistral.data
+    train_ids, val_ids = set(np.load(data / "train_ids.npy").tolist()), set(np.load(data / "val_ids.npy").tolist())
+    _, _, meta = load_prepared(data)
+    usable = {t["id"] for t in meta["tokens"] if not {"untrained", "duplicate"} & set(t["flags"])}
+    assert not train_ids & val_ids and train_ids | val_ids == usable
+    assert len(val_ids) == round(0.05 * len(usable)) and (meta["train_tokens"], meta["val_tokens"]) == (len(train_ids), len(val_ids))
+    assert not (set(tiny_mistral.untrained) | {BYTE_A}) & (train_ids | val_ids) and TOKEN_A in train_ids | val_ids
+    counts = np.load(data / "text_counts.npy")
+    ids = mistral_tokenizer(training_text(), add_special_tokens=False)["input_ids"]
+    assert counts.shape == (32000,) and counts.sum() == len(ids) == meta["training_text_tokens"]
+    assert counts[mistral_tokenizer.convert_tokens_to_ids("▁the")] == ids.count(mistral_tokenizer.convert_tokens_to_ids("▁the")) > 100

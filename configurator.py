@@ -1,0 +1,94 @@
+"""
+Settings for every script, nanoGPT style: the hyperparameters are the globals at the top of
+the script, a config file (plain Python, run as code: only use your own) sets any of them,
+and `--key=value` overrides one. A mistake the user can fix ends in one sentence, not a
+traceback.
+
+$ python train.py config/smollm2_cpu.py --batch_size=128
+"""
+import math
+import os
+import sys
+
+import torch
+
+
+class UserError(Exception):
+    """A mistake the user can fix: the script prints its one sentence and exits 1."""
+
+
+def _one_sentence(kind, error, tb):
+    if issubclass(kind, UserError):
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    if issubclass(kind, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.__excepthook__(kind, error, tb)
+
+
+# scripts raise UserError wherever they find the mistake, module level included
+sys.excepthook = _one_sentence
+
+
+def configure(config, argv=None):
+    """Apply a config file and --key=value overrides to the dict of a script's globals."""
+    # UPPERCASE globals are constants (PAD), not options
+    known = {k for k, v in config.items() if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str, type(None)))}
+    for arg in (sys.argv[1:] if argv is None else argv):
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise UserError(f"config file {arg} does not exist; pass a path such as config/smollm2_cpu.py")
+            with open(arg) as f:
+                source = f.read()
+            try:
+                exec(compile(source, arg, "exec"), {}, values := {})
+            except Exception as e:
+                raise UserError(f"config file {arg} failed to run ({type(e).__name__}: {e}); fix it, it is plain Python") from None
+            # a config file may also set keys that only other scripts use, so one file serves them all
+            config.update({k: v for k, v in values.items() if k in known})
+            continue
+        key, sep, value = arg[2:].partition("=")
+        if not sep or key not in known:
+            raise UserError(f"unknown option {arg}; the options are the globals at the top of the script: {', '.join(sorted(known))}")
+        config[key] = parse_value(value, config[key], key)
+
+
+def parse_value(text, current, key):
+    if isinstance(current, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise UserError(f"--{key} takes True or False, not {text!r}")
+    if isinstance(current, (int, float)):
+        try:
+            value = float(text) if isinstance(current, float) or "." in text or "e" in text.lower() else int(text)
+        except ValueError:
+            raise UserError(f"--{key} takes a number, not {text!r}") from None
+        return float(value) if isinstance(current, float) else value
+    return None if text == "None" else text
+
+
+def check(config, key, low=None, high=None, *, low_open=False, high_open=False):
+    """A numeric setting must be finite and inside its range; else one sentence naming it."""
+    value = config[key]
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if not math.isfinite(value) or below or above:
+        left = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        right = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        raise UserError(f"{key}={value} is out of range; it must be {' and '.join(s for s in (left, right) if s)}")
+
+
+def pick_device(device, local_rank=0):
+    """"auto" means CUDA, then MPS, then the CPU; under torchrun each process takes its own GPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={device} but this machine has no CUDA GPU; use device=auto or device=cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device=mps but this machine has no MPS; use device=auto or device=cpu")
+    if device not in ("cpu", "mps") and not device.startswith("cuda"):
+        raise UserError(f"device={device!r} is not known; use auto, cpu, cuda or mps")
+    return f"cuda:{local_rank}" if device == "cuda" else device

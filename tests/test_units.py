@@ -1,0 +1,101 @@
+"""
+The pieces of training, checked in-process: the loss, the batches of an epoch, the learning
+rate schedule and the train / held-out split.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import LossConfig, embedding_loss
+from schedule import batch_order, get_lr
+from storage import split_vocabulary
+
+
+@pytest.fixture
+def rows():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(32, 16, generator=g)
+
+
+def test_loss_terms_are_the_plain_l1_and_mse(rows):
+    pred, true, _ = rows
+    assert embedding_loss(pred, true, LossConfig(1, 0, 0)).item() == pytest.approx(F.l1_loss(pred, true).item(), rel=1e-6)
+    assert embedding_loss(pred, true, LossConfig(0, 1, 0)).item() == pytest.approx(F.mse_loss(pred, true).item(), rel=1e-6)
+    both = embedding_loss(pred, true, LossConfig(2, 3, 0)).item()
+    assert both == pytest.approx(2 * F.l1_loss(pred, true).item() + 3 * F.mse_loss(pred, true).item(), rel=1e-6)
+    assert embedding_loss(true, true, LossConfig(1, 1, 0)).item() == 0.0
+
+
+def test_token_weights_weigh_each_token(rows):
+    pred, true, _ = rows
+    config = LossConfig(0, 1, 0)
+    assert embedding_loss(pred, true, config, weights=torch.ones(8)).item() == pytest.approx(embedding_loss(pred, true, config).item())
+    # all the weight on token 3: the loss is that token's own squared error, times 8 / 8
+    weights = torch.zeros(8)
+    weights[3] = 8.0
+    assert embedding_loss(pred, true, config, weights=weights).item() == pytest.approx((pred[3] - true[3]).pow(2).mean().item(), rel=1e-6)
+
+
+def test_softmax_term_is_cross_entropy_over_the_batch_and_negatives(rows):
+    pred, true, negatives = rows
+    config = LossConfig(0, 0, 1, softmax_temperature=0.5)
+    expected = F.cross_entropy(pred @ torch.cat([true, negatives]).T / 0.5, torch.arange(8))
+    assert embedding_loss(pred, true, config, negatives=negatives).item() == pytest.approx(expected.item(), rel=1e-5)
+    # a prediction far along its own row wins: the loss goes to zero
+    assert embedding_loss(50 * true, true, LossConfig(0, 0, 1)).item() < 1e-3
+
+
+def test_softmax_counts_every_token_once(rows):
+    """With ids, the full table as negatives gives exactly the V-way softmax, whatever tokens
+    the batch holds: a negative that is in the batch, or a token twice in the batch, is one row."""
+    _, _, table = rows
+    g = torch.Generator().manual_seed(1)
+    ids = torch.tensor([3, 17, 3, 30, 5])  # token 3 twice, as frequency sampling can draw it
+    pred = 0.3 * table[ids] + 0.3 * torch.randn(5, 16, generator=g)
+    config = LossConfig(0, 0, 1)
+    full = F.cross_entropy(pred @ table.T, ids)
+    loss = embedding_loss(pred, table[ids], config, ids=ids, negatives=table, negative_ids=torch.arange(32))
+    assert full.item() > 0.5 and loss.item() == pytest.approx(full.item(), rel=1e-5)
+    # without the ids the batch's rows count twice, and token 3's own row three times
+    assert embedding_loss(pred, table[ids], config, negatives=table).item() > full.item() + 0.1
+
+
+def test_split_is_deterministic_disjoint_and_sized():
+    usable = torch.arange(0, 1000, 3)
+    train, val = split_vocabulary(usable, 0.1, seed=7)
+    again_train, again_val = split_vocabulary(usable, 0.1, seed=7)
+    assert torch.equal(train, again_train) and torch.equal(val, again_val)
+    assert len(val) == round(0.1 * len(usable)) and len(train) + len(val) == len(usable)
+    assert set(train.tolist()).isdisjoint(val.tolist()) and set(train.tolist()) | set(val.tolist()) == set(usable.tolist())
+    assert torch.equal(train, train.sort().values)
+    assert not torch.equal(split_vocabulary(usable, 0.1, seed=8)[1], val)
+    assert len(split_vocabulary(usable, 0.0, seed=7)[1]) == 0
+
+
+def test_batches_of_an_epoch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.arange(1000)
+    lengths = torch.randint(1, 40, (1000,), generator=g)
+    batches = batch_order(ids, lengths, epoch=3, batch_size=32, bucket=False, seed=1)
+    # every id at most once, all batches full, only the last partial batch (1000 = 31 x 32 + 8) dropped
+    seen = torch.cat(batches)
+    assert len(batches) == 31 and all(len(b) == 32 for b in batches) and len(seen.unique()) == len(seen) == 992
+    # the same (seed, epoch) gives the same batches, on every process and after a restart
+    assert all(torch.equal(a, b) for a, b in zip(batches, batch_order(ids, lengths, 3, 32, False, 1)))
+    assert not torch.equal(torch.cat(batch_order(ids, lengths, 4, 32, False, 1)), seen)
+    # bucketing by length leaves less padding when a batch is trimmed to its longest token
+    def padding(batches):
+        return sum((lengths[b].max() - lengths[b]).sum().item() for b in batches)
+    bucketed = batch_order(ids, lengths, 3, 32, True, 1)
+    assert padding(bucketed) < 0.3 * padding(batches)
+
+
+def test_learning_rate_warms_up_then_decays_to_min_lr():
+    lr = [get_lr(step, step / 100, warmup_steps=10, max_lr=1e-3, min_lr=1e-4) for step in range(101)]
+    assert lr[0] == pytest.approx(1e-3 * 1 / 11, rel=1e-3) and lr[4] < lr[9]
+    assert lr[50] == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi * 0.5)) * 9e-4)
+    assert lr[100] == pytest.approx(1e-4) and all(a >= b for a, b in zip(lr[10:], lr[11:]))
+    # past the budget the rate stays at min_lr
+    assert get_lr(200, 2.0, 10, 1e-3, 1e-4) == pytest.approx(1e-4)
