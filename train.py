@@ -74,12 +74,14 @@ compile = True  # torch.compile on CUDA only
 # -----------------------------------------------------------------------------
 configure(globals())
 config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
-for key, low in (("batch_size", 1), ("gradient_accumulation_steps", 1), ("max_iters", 1), ("eval_interval", 1), ("eval_tokens", 1),
-                 ("n_layer", 1), ("n_head", 1), ("n_embd", 1), ("head_hidden", 1), ("ngram_max", 0), ("ngram_buckets", 1), ("ngram_lr_scale", 0), ("warmup_iters", 0), ("softmax_negatives", 0),
-                 ("softmax_hub_negatives", 0), ("l1_weight", 0), ("mse_weight", 0), ("softmax_weight", 0), ("weight_decay", 0),
-                 ("grad_clip", 0), ("max_seconds", 0), ("eval_interval_seconds", 0), ("min_lr", 0), ("fisher_weight", 0),
-                 ("token_weight_power", 0), ("sample_power", 0)):
-    check(config, key, low)
+# every number is range-checked before any work, each with one sentence naming it
+for key in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_tokens", "n_layer", "n_head",
+            "n_embd", "head_hidden", "ngram_buckets"):
+    check(config, key, 1)
+for key in ("ngram_max", "ngram_lr_scale", "warmup_iters", "softmax_negatives", "softmax_hub_negatives", "l1_weight", "mse_weight",
+            "softmax_weight", "fisher_weight", "token_weight_power", "sample_power", "weight_decay", "grad_clip", "max_seconds",
+            "eval_interval_seconds", "min_lr"):
+    check(config, key, 0)
 for key in ("learning_rate", "softmax_temperature"):
     check(config, key, 0, low_open=True)
 for key in ("beta1", "beta2", "dropout"):
