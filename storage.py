@@ -108,6 +108,24 @@ def check_writable(folder):
         raise UserError(f"cannot write to {folder} ({e.strerror}); pass a writable --out_dir") from None
 
 
+def claim_out_dir(out_dir):
+    """One training run per out_dir: an exclusive lock held until the process ends, so a second
+    run on the same folder stops at once instead of racing the first for ckpt.pt. Temporary
+    files a killed run left behind are removed, as nobody else can be writing them now."""
+    import fcntl
+    check_writable(out_dir)
+    lock = open(os.path.join(out_dir, ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise UserError(f"another run is training in {out_dir}; wait for it or pass another --out_dir") from None
+    for name in os.listdir(out_dir):
+        if name.startswith("tmp-"):
+            path = os.path.join(out_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return lock
+
+
 def save_checkpoint(path, checkpoint):
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 

@@ -21,7 +21,7 @@ from configurator import UserError, check, configure, pick_device
 from metrics import closeness, top1_hits
 from model import PAD, ByteEncoder, ByteEncoderConfig, LossConfig
 from schedule import batch_order, get_lr
-from storage import check_writable, data_identity, load_checkpoint, load_data, save_checkpoint
+from storage import claim_out_dir, data_identity, load_checkpoint, load_data, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # defaults: the prototype's Mistral-7B recipe; config/*.py files override them
@@ -241,7 +241,11 @@ def epoch_batches():
 # -----------------------------------------------------------------------------
 # the loop
 if master:
-    check_writable(out_dir)  # now, not at the first save after minutes of work
+    # now, not at the first save after minutes of work; held until the run ends
+    out_dir_lock = claim_out_dir(out_dir)
+    if init_from == "scratch" and os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
+        print(f"note: {out_dir}/ckpt.pt is from an earlier run; this run starts from scratch and its first save replaces it "
+              f"(Ctrl-C now and use --init_from=resume or another --out_dir to keep it)")
 bar = tqdm(total=100, initial=round(100 * budget_used()), unit="%", disable=not master, dynamic_ncols=True)
 start_iter = iter_num
 batches = epoch_batches()
