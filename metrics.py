@@ -28,9 +28,3 @@ def closeness(predicted, true, mean_row, weights=None):
     return {"cosine": (weights * F.cosine_similarity(predicted.float(), true, dim=1)).sum().item(),
             "explained": 1.0 - ((weights * error).sum() / (weights * spread).sum()).item()}
 
-
-def norm_scale(predicted, original):
-    """Regression towards the mean shrinks predicted rows. One global factor, measured on trained
-    rows, restores their typical norm; a factor per row would need the original row, which a
-    new token does not have."""
-    return (original.norm(dim=1).mean() / predicted.norm(dim=1).mean()).item()
