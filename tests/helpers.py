@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,6 +19,10 @@ REPO = Path(__file__).resolve().parent.parent
 BYTE_A, TOKEN_A = 68, 28741
 ZEROED = [BYTE_A, 100, 29000]  # <0x41>, <0x61> ("a"), and a normal token the LM never saw
 SHRUNK = [30000]  # not zero, but far below every trained row's norm
+# a small encoder that learns a spelled table (spelled_rows) well in a test's time
+SPELLING_ENCODER = ["--n_layer=2", "--n_embd=64", "--n_head=2", "--head_hidden=256", "--batch_size=256",
+                    "--gradient_accumulation_steps=1", "--eval_tokens=256", "--max_iters=500", "--eval_interval=500",
+                    "--learning_rate=5e-3", "--min_lr=5e-4", "--warmup_iters=20", "--l1_weight=0"]
 TINY_TRAIN = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--head_hidden=64", "--batch_size=32",
               "--gradient_accumulation_steps=1", "--eval_tokens=512"]
 
@@ -30,9 +35,42 @@ def mistral_tokenizer_model():
     return os.path.join(spec.submodule_search_locations[0], "data", "tokenizer.model.v1")
 
 
+def spelled_rows(byte_strings, dim, seed, noise=0.3):
+    """A table in which spelling decides the row, as it partly does in a trained LM: the sum of
+    random vectors of a token's bytes, plus noise of its own. A random table has nothing a byte
+    encoder could learn in a test's time. noise=0 with the same seed: what the spelling alone
+    says, the row a repair from the bytes should come close to."""
+    g = torch.Generator().manual_seed(seed)
+    byte_vectors = torch.randn(256, dim, generator=g)
+    rows = torch.empty(len(byte_strings), dim)
+    for i, data in enumerate(byte_strings):
+        rows[i] = 0.3 * (byte_vectors[list(data)].sum(0) / len(data) ** 0.5 + noise * torch.randn(dim, generator=g))
+    return rows
+
+
 def script_env(**extra):
     """The user's environment, offline: nothing may come from the Hugging Face hub."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+
+
+# tiny matrices: one thread is faster than two fighting other processes for the cores
+ONE_THREAD = script_env(OMP_NUM_THREADS="1")
+
+
+def stock_load(folder):
+    """What a user of a written model folder does. fix_mistral_regex=False only skips transformers'
+    probe for Mistral's tekken format, which needs parts of mistral-common that `make install` leaves out."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(folder, fix_mistral_regex=False)
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), tokenizer
+
+
+def generates(lm, tokenizer, inputs):
+    """Greedy generation adds three tokens; inputs is a text or what a chat template gave."""
+    if isinstance(inputs, str):
+        inputs = tokenizer(inputs, return_tensors="pt")
+    out = lm.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
 
 
 def run_script(script, *args, cwd, env=None, timeout=600):

@@ -12,56 +12,32 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from lm import load_tokenizer
 from spelling import token_bytes, untrained_rows
-from helpers import BYTE_A, TOKEN_A, files_under, fails_with, run_script, script_env, succeeds
+from helpers import (BYTE_A, ONE_THREAD, SPELLING_ENCODER, TOKEN_A, files_under, fails_with, generates, run_script, spelled_rows,
+                     stock_load, succeeds)
 
 BYTE_a, TOKEN_a = 100, 28708  # <0x61> and "a"
-# tiny matrices: one thread is faster than two fighting other processes for the cores
-ONE_THREAD = script_env(OMP_NUM_THREADS="1")
-ENCODER = ["--n_layer=2", "--n_embd=64", "--n_head=2", "--head_hidden=256", "--batch_size=256", "--gradient_accumulation_steps=1",
-           "--eval_tokens=256", "--max_iters=500", "--eval_interval=500", "--learning_rate=5e-3", "--min_lr=5e-4",
-           "--warmup_iters=20", "--l1_weight=0"]
-
-
-def stock_load(folder):
-    """What a user of the folder does. fix_mistral_regex=False only skips transformers' probe for
-    Mistral's tekken format, which needs parts of mistral-common that `make install` leaves out."""
-    tokenizer = AutoTokenizer.from_pretrained(folder, fix_mistral_regex=False)
-    return AutoModelForCausalLM.from_pretrained(folder).eval(), tokenizer
-
-
-def generates(lm, tokenizer, text):
-    inputs = tokenizer(text, return_tensors="pt")
-    out = lm.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
-
-
 @pytest.fixture(scope="module")
 def spelled(tiny_mistral, workdir, tmp_path_factory):
-    """The tiny Mistral with an input table in which spelling decides the row, as it partly
-    does in a trained LM: a row is the sum of random vectors of its bytes plus noise of its
-    own. A random table has nothing a byte encoder could learn in a test's time. The fixture's
-    untrained rows stay as small as they were. Then data and a small encoder trained on it."""
+    """The tiny Mistral with an input table in which spelling decides the row (helpers.spelled_rows).
+    The fixture's untrained rows stay as small as they were. Then data and a small encoder trained on it."""
     folder = tmp_path_factory.mktemp("models") / "spelled-mistral"
     lm = AutoModelForCausalLM.from_pretrained(tiny_mistral.folder)
     tokenizer = load_tokenizer(tiny_mistral.folder)
     tokens, _ = token_bytes(tokenizer)
     table = lm.get_input_embeddings().weight
-    g = torch.Generator().manual_seed(0)
-    byte_vectors = torch.randn(256, table.shape[1], generator=g)
     with torch.no_grad():
         norms = table.norm(dim=1)
-        for i, (data, _) in enumerate(tokens):
-            table[i] = 0.3 * (byte_vectors[list(data)].sum(0) / len(data) ** 0.5 + 0.3 * torch.randn(table.shape[1], generator=g))
+        table[:] = spelled_rows([data for data, _ in tokens], table.shape[1], seed=0)
         table[tiny_mistral.untrained] *= (norms[tiny_mistral.untrained] / norms.median())[:, None]
     lm.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     out_dir = workdir / "out-spelled"
     succeeds(run_script("prepare_mistral_data.py", f"--model={folder}", cwd=workdir))
-    succeeds(run_script("train.py", f"--model={folder}", f"--out_dir={out_dir}", *ENCODER, cwd=workdir, env=ONE_THREAD))
+    succeeds(run_script("train.py", f"--model={folder}", f"--out_dir={out_dir}", *SPELLING_ENCODER, cwd=workdir, env=ONE_THREAD))
     # the twins must be rows the encoder learnt, or the test says nothing
     assert {TOKEN_A, TOKEN_a} <= set(np.load(workdir / "data" / folder.name / "train_ids.npy").tolist())
     return SimpleNamespace(folder=folder, out_dir=out_dir, table=table.detach().clone(), untrained=tiny_mistral.untrained,
