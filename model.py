@@ -86,10 +86,12 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def embedding_loss(pred, targets, loss, weights=None, ids=None, negatives=None, negative_ids=None, fisher=None):
+def embedding_loss(pred, targets, loss, weights=None, ids=None, negatives=None, negative_ids=None, fisher=None,
+                   softmax_weights=None):
     """How far predicted rows [B, D] are from the true rows [B, D], as `loss` (a LossConfig)
     weighs it. weights [B]: each token's share of the loss (mean 1 over the vocabulary);
-    fisher [D, D]: the metric of the fisher term.
+    softmax_weights [B]: each token's share of the softmax term alone; fisher [D, D]: the
+    metric of the fisher term.
     The softmax term scores each prediction against the batch's true rows plus the rows
     `negatives` [K, D] and must pick its own. With the token ids of the batch (ids [B]) and of
     the negatives (negative_ids [K]), every candidate row stands once: a negative that is a
@@ -114,7 +116,8 @@ def embedding_loss(pred, targets, loss, weights=None, ids=None, negatives=None, 
             repeated = (same | later_copy[None, :]) & (labels[None, :] != labels[:, None])
             in_batch = torch.isin(negative_ids, ids)[None, :].expand(len(ids), -1) if negatives is not None else repeated[:, :0]
             logits = logits.masked_fill(torch.cat([repeated, in_batch], 1), float("-inf"))
-        per_token = per_token + loss.softmax_weight * F.cross_entropy(logits, labels, reduction="none")
+        softmax = F.cross_entropy(logits, labels, reduction="none")
+        per_token = per_token + loss.softmax_weight * (softmax if softmax_weights is None else softmax * softmax_weights)
     return (per_token * weights).mean() if weights is not None else per_token.mean()
 
 

@@ -28,6 +28,7 @@ from storage import claim_out_dir, data_identity, load_checkpoint, load_data, sa
 model = "mistralai/Mistral-7B-v0.1"  # whose table: data/<name>/ from prepare_mistral_data.py
 out_dir = "out-mistral"
 init_from = "scratch"  # or "resume" from out_dir/ckpt.pt
+always_save_checkpoint = True  # False: save only when the held-out tokens' val/cosine beats every earlier eval's (new tokens are held-out tokens)
 eval_interval = 500
 eval_interval_seconds = 0.0  # if > 0, also evaluate each time this much more training time has passed
 eval_tokens = 2048  # tokens sampled from each split for the periodic eval
@@ -55,6 +56,7 @@ softmax_weight = 0.0
 softmax_negatives = 0  # 0: all V rows; else this many rows sampled per step plus the batch's own
 softmax_hub_negatives = 0  # with sampled negatives, also always the rows with the largest dot product with the mean row
 softmax_temperature = 1.0
+softmax_min_count = 0  # the softmax term only for tokens the training text uses at least this often; the rest get L1/MSE alone
 fisher_weight = 0.0  # weight of (pred - true)^T F (pred - true) / D; needs prepare_mistral_data.py --fisher_tokens=N
 token_weight_power = 0.0  # each token's loss is weighted by (1 + its count in the training text) ** this
 sample_power = 0.0  # tokens are drawn into batches with probability proportional to (1 + count) ** this; 0: each once an epoch
@@ -78,9 +80,9 @@ config = {k: v for k, v in globals().items() if not k.startswith("_") and isinst
 for key in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_tokens", "n_layer", "n_head",
             "n_embd", "head_hidden", "ngram_buckets"):
     check(config, key, 1)
-for key in ("ngram_max", "ngram_lr_scale", "warmup_iters", "softmax_negatives", "softmax_hub_negatives", "l1_weight", "mse_weight",
-            "softmax_weight", "fisher_weight", "token_weight_power", "sample_power", "weight_decay", "grad_clip", "max_seconds",
-            "eval_interval_seconds", "min_lr"):
+for key in ("ngram_max", "ngram_lr_scale", "warmup_iters", "softmax_negatives", "softmax_hub_negatives", "softmax_min_count",
+            "l1_weight", "mse_weight", "softmax_weight", "fisher_weight", "token_weight_power", "sample_power", "weight_decay",
+            "grad_clip", "max_seconds", "eval_interval_seconds", "min_lr"):
     check(config, key, 0)
 for key in ("learning_rate", "softmax_temperature"):
     check(config, key, 0, low_open=True)
@@ -134,7 +136,9 @@ fisher = data.fisher.to(dev) if fisher_weight else None
 token_weights = (1.0 + data.text_counts.double()) ** token_weight_power
 token_weights = (token_weights / token_weights[data.train_ids].mean()).float().to(dev)
 sample_weights = ((1.0 + data.text_counts.double()) ** sample_power).to(dev)
+softmax_weights = (data.text_counts >= softmax_min_count).float().to(dev)
 iter_num, epoch, batch_in_epoch, train_seconds, samples_total = 0, 0, 0, 0.0, 0
+best_val = -math.inf
 # a generator of its own, so evals never shift the training's random stream
 negatives_rng = torch.Generator().manual_seed(seed + 1)
 if checkpoint is not None:
@@ -143,6 +147,7 @@ if checkpoint is not None:
         optimizer.load_state_dict(state)
     iter_num, epoch, batch_in_epoch = checkpoint["iter_num"], checkpoint["epoch"], checkpoint["batch_in_epoch"]
     train_seconds, samples_total = checkpoint["train_seconds"], checkpoint.get("samples_total", 0)
+    best_val = checkpoint.get("best_val", -math.inf)
     negatives_rng.set_state(checkpoint["negatives_rng"])
 raw_encoder = encoder
 if compile and device_type == "cuda":
@@ -172,7 +177,8 @@ def loss_inputs(ids, rng):
     else:
         sampled = torch.randint(0, len(table), (softmax_negatives,), generator=rng).to(dev)
         others = torch.cat([hubs, sampled])
-    return {**inputs, "ids": ids, "negatives": table[others], "negative_ids": others}
+    return {**inputs, "ids": ids, "negatives": table[others], "negative_ids": others,
+            "softmax_weights": softmax_weights[ids] if softmax_min_count else None}
 
 
 # periodic eval: a fixed sample of each split, and the rows the training text uses most,
@@ -226,7 +232,8 @@ def save(stats):
     save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
         "model": raw_encoder.state_dict(), "optimizer": [o.state_dict() for o in optimizers], "model_args": model_args, "config": config,
         "data": data_identity(data), "iter_num": iter_num, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-        "train_seconds": train_seconds, "samples_total": samples_total, "negatives_rng": negatives_rng.get_state()})
+        "train_seconds": train_seconds, "samples_total": samples_total, "negatives_rng": negatives_rng.get_state(),
+        "best_val": best_val})
 
 
 def budget_used():
@@ -269,8 +276,13 @@ try:
                 next_timed_eval += eval_interval_seconds
             stats = evaluate()
             log_eval(stats)
-            if iter_num > start_iter:
+            held_out = stats.get("val/cosine", math.inf)  # no held-out tokens: nothing to choose by
+            # a NaN is not skipped: save() sees it and stops the run
+            if iter_num > start_iter and (always_save_checkpoint or not held_out <= best_val):
+                best_val = max(best_val, held_out)
                 save(stats)
+            elif iter_num > start_iter:
+                tqdm.write(f"not saved: val/cosine {held_out:.4f} is not above the best so far, {best_val:.4f}")
         if out_of_budget:
             break
 

@@ -1,7 +1,9 @@
 """
 train.py's promises: two processes give what one gives, an interrupted run resumed gives
-what an uninterrupted one gives, and a run whose loss blows up keeps its last good checkpoint.
+what an uninterrupted one gives, a run whose loss blows up keeps its last good checkpoint, and
+a run told to keeps the checkpoint that is best on the held-out tokens.
 """
+import json
 import re
 import shutil
 import subprocess
@@ -100,3 +102,18 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tiny_mistral, trained_mi
     message = fails_with(proc, "training diverged", "last good checkpoint is kept", "--init_from=resume")
     assert int(re.search(r"at iteration (\d+)", message).group(1)) in range(20, 30)
     assert files_under(out_dir) == before
+
+
+def test_the_checkpoint_kept_is_the_best_on_held_out_tokens(tiny_mistral, prepared_mistral, workdir, tmp_path):
+    """always_save_checkpoint=False: the checkpoint is the eval with the highest val/cosine,
+    not the last one. At this learning rate the held-out numbers go up and down."""
+    out_dir, log = tmp_path / "out-best", tmp_path / "evals.jsonl"
+    proc = succeeds(train(f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", *SHORT, "--learning_rate=3e-2",
+                          "--min_lr=3e-2", "--max_iters=30", "--eval_interval=2", "--always_save_checkpoint=False",
+                          f"--log_file={log}", cwd=workdir))
+    evals = [json.loads(line) for line in log.read_text().splitlines()][1:]  # the eval at iteration 0 is never saved
+    held_out = [e["val/cosine"] for e in evals]
+    best = evals[held_out.index(max(held_out))]["iter"]
+    assert best != evals[-1]["iter"], held_out  # or this run could not tell best from last
+    assert load(out_dir)["iter_num"] == best
+    assert "not saved: val/cosine" in proc.stderr + proc.stdout

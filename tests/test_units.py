@@ -47,6 +47,17 @@ def test_softmax_term_is_cross_entropy_over_the_batch_and_negatives(rows):
     assert embedding_loss(50 * true, true, LossConfig(0, 0, 1)).item() < 1e-3
 
 
+def test_softmax_weights_weigh_the_softmax_term_alone(rows):
+    pred, true, negatives = rows
+    config = LossConfig(0, 2, 1)
+    mse = 2 * F.mse_loss(pred, true, reduction="none").mean(1)
+    softmax = F.cross_entropy(pred @ torch.cat([true, negatives]).T, torch.arange(8), reduction="none")
+    mask = torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 0])
+    loss = embedding_loss(pred, true, config, negatives=negatives, softmax_weights=mask)
+    assert loss.item() == pytest.approx((mse + mask * softmax).mean().item(), rel=1e-5)
+    assert embedding_loss(pred, true, config, negatives=negatives, softmax_weights=torch.zeros(8)).item() == pytest.approx(mse.mean().item(), rel=1e-6)
+
+
 def test_softmax_counts_every_token_once(rows):
     """With ids, the full table as negatives gives exactly the V-way softmax, whatever tokens
     the batch holds: a negative that is in the batch, or a token twice in the batch, is one row."""
@@ -99,3 +110,10 @@ def test_learning_rate_warms_up_then_decays_to_min_lr():
     assert lr[100] == pytest.approx(1e-4) and all(a >= b for a, b in zip(lr[10:], lr[11:]))
     # past the budget the rate stays at min_lr
     assert get_lr(200, 2.0, 10, 1e-3, 1e-4) == pytest.approx(1e-4)
+
+
+def test_a_module_this_python_lacks_is_left_out_of_the_texts():
+    """Pythons built without ssl or sqlite3 exist: their docstrings are skipped, not an ImportError."""
+    from lm import docstrings
+    assert docstrings(["json", "a_module_no_python_has", "textwrap"]) == docstrings(["json", "textwrap"])
+    assert "JSON" in docstrings(["json"])
