@@ -2,8 +2,9 @@
 A second stage after train.py: train the byte encoder end to end through the frozen LM.
 On windows of the training text, the LM reads the encoder's rows for the window's tokens,
 and the loss is the KL divergence from the LM's next-token distributions with its own rows
-to those with the predicted rows (plus train.py's regression loss on the same tokens, so
-rows the text never uses do not drift). Gradients reach the encoder only.
+to those with the predicted rows, plus train.py's MSE on tokens drawn from the whole
+vocabulary: the windows use a few thousand tokens, and the rows of the others must not drift.
+Gradients reach the encoder only.
 
 $ python train.py config/smollm2_cpu.py
 $ python train_e2e.py config/smollm2_cpu.py --e2e_seconds=300
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from configurator import UserError, check, configure, pick_device
 from lm import load_lm, training_text
-from model import PAD, LossConfig
+from model import PAD
 from storage import check_writable, data_identity, load_checkpoint, load_data, load_encoder, save_checkpoint
 
 model = "smollm2"  # hub id, local folder, or "smollm2"; its data/<name>/ from prepare_mistral_data.py
@@ -26,7 +27,8 @@ e2e_context = 128  # tokens per window of training text
 e2e_windows = 4  # windows per step
 e2e_learning_rate = 1e-4
 e2e_seconds = 300.0  # training time of this stage
-e2e_regression_weight = 1.0  # weight of train.py's MSE on the window's tokens, beside the KL
+e2e_regression_tokens = 256  # training tokens drawn from the whole vocabulary each step for the MSE term
+mse_weight = 100.0  # the MSE term's weight, as in train.py (a config file sets both)
 seed = 1337
 device = "auto"  # auto: cuda, then mps, then cpu
 configure(globals())
@@ -34,7 +36,8 @@ for key in ("e2e_context", "e2e_windows"):
     check(globals(), key, 2)
 check(globals(), "e2e_learning_rate", 0, low_open=True)
 check(globals(), "e2e_seconds", 0, low_open=True)
-check(globals(), "e2e_regression_weight", 0)
+check(globals(), "e2e_regression_tokens", 0)
+check(globals(), "mse_weight", 0)
 dev = pick_device(device)
 
 data = load_data(model)
@@ -48,12 +51,11 @@ n_windows = len(text_ids) // e2e_context
 if n_windows < e2e_windows:
     raise UserError(f"the training text has {n_windows} windows of {e2e_context} tokens, fewer than e2e_windows={e2e_windows}; lower them")
 windows = text_ids[:n_windows * e2e_context].view(n_windows, e2e_context)
-input_ids, table = data.input_ids.to(dev), data.table.to(dev)
+input_ids, table, train_ids = data.input_ids.to(dev), data.table.to(dev), data.train_ids
 embed = lm.get_input_embeddings()
 # the dense weights only: a fresh AdamW at a small rate, since the regression got the rows close
 dense = [p for name, p in encoder.named_parameters() if not name.startswith("ngram.")]
 optimizer = torch.optim.AdamW(dense, lr=e2e_learning_rate, weight_decay=0.0)
-regression = LossConfig(l1_weight=0.0, mse_weight=1.0)
 generator = torch.Generator().manual_seed(seed)
 print(f"{data.meta['model']}: end to end on {n_windows} windows of {e2e_context} tokens of the training text, "
       f"{e2e_windows} windows a step, from {out_dir}/ckpt.pt (iteration {checkpoint['iter_num']})")
@@ -64,13 +66,17 @@ while seconds < e2e_seconds:
     started = time.time()
     batch = windows[torch.randint(0, n_windows, (e2e_windows,), generator=generator)].to(dev)
     tokens, where = batch.unique(return_inverse=True)
-    width = int((input_ids[tokens] != PAD).sum(1).max())
-    rows, mse = encoder(input_ids[tokens][:, :width], table[tokens], regression)
+    anchors = train_ids[torch.randint(0, len(train_ids), (e2e_regression_tokens,), generator=generator)].to(dev)
+    both = torch.cat([tokens, anchors])
+    width = int((input_ids[both] != PAD).sum(1).max())
+    rows, _ = encoder(input_ids[both][:, :width])
+    mse = F.mse_loss(rows[len(tokens):].float(), table[anchors]) if len(anchors) else torch.zeros((), device=dev)
+    rows = rows[:len(tokens)]
     with torch.no_grad():
         teacher = F.log_softmax(lm(input_ids=batch).logits.float(), dim=-1)
     student = F.log_softmax(lm(inputs_embeds=rows[where].to(embed.weight.dtype)).logits.float(), dim=-1)
     kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean()
-    loss = kl + e2e_regression_weight * mse
+    loss = kl + mse_weight * mse
     if not torch.isfinite(loss):
         raise UserError(f"the loss became {loss.item()} at step {steps}; nothing was saved, lower e2e_learning_rate")
     loss.backward()
@@ -86,7 +92,7 @@ bar.close()
 
 checkpoint["model"] = encoder.state_dict()
 checkpoint["e2e"] = {"steps": steps, "seconds": round(seconds, 1), "context": e2e_context, "windows": e2e_windows,
-                     "learning_rate": e2e_learning_rate, "regression_weight": e2e_regression_weight}
+                     "learning_rate": e2e_learning_rate, "regression_tokens": e2e_regression_tokens, "mse_weight": mse_weight}
 if not all(torch.isfinite(p).all() for p in encoder.parameters()):
     raise UserError("the weights became non-finite; nothing was saved, lower e2e_learning_rate")
 save_checkpoint(os.path.join(out_dir, "ckpt.pt"), checkpoint)
