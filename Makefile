@@ -11,6 +11,7 @@ install:
 demo: install
 	$(PYTHON) prepare_mistral_data.py $(CONFIG)
 	$(PYTHON) train.py $(CONFIG)
+	$(PYTHON) train_e2e.py $(CONFIG)
 	$(PYTHON) evaluate.py $(CONFIG)
 	$(PYTHON) test_mistral.py $(CONFIG)
 
