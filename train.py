@@ -276,10 +276,10 @@ try:
                 next_timed_eval += eval_interval_seconds
             stats = evaluate()
             log_eval(stats)
-            held_out = stats.get("val/cosine", math.inf)  # no held-out tokens: nothing to choose by
+            held_out = stats.get("val/cosine")  # None: no held-out tokens, nothing to choose by
             # a NaN is not skipped: save() sees it and stops the run
-            if iter_num > start_iter and (always_save_checkpoint or not held_out <= best_val):
-                best_val = max(best_val, held_out)
+            if iter_num > start_iter and (always_save_checkpoint or held_out is None or not held_out <= best_val):
+                best_val = best_val if held_out is None else max(best_val, held_out)
                 save(stats)
             elif iter_num > start_iter:
                 tqdm.write(f"not saved: val/cosine {held_out:.4f} is not above the best so far, {best_val:.4f}")

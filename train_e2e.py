@@ -19,7 +19,7 @@ from tqdm import tqdm
 from configurator import UserError, check, configure, pick_device
 from lm import load_lm, training_text
 from model import PAD
-from storage import check_writable, data_identity, load_checkpoint, load_data, load_encoder, save_checkpoint
+from storage import claim_out_dir, data_identity, load_checkpoint, load_data, load_encoder, save_checkpoint
 
 model = "smollm2"  # hub id, local folder, or "smollm2"; its data/<name>/ from prepare_mistral_data.py
 out_dir = "out-smollm2"  # ckpt.pt from train.py is read here, and written back after this stage
@@ -42,7 +42,7 @@ dev = pick_device(device)
 
 data = load_data(model)
 checkpoint = load_checkpoint(out_dir, data_identity(data))
-check_writable(out_dir)
+out_dir_lock = claim_out_dir(out_dir)  # no train.py may write ckpt.pt while this stage reads and rewrites it
 encoder = load_encoder(checkpoint, dev).train()
 lm, tokenizer = load_lm(model, device=dev)
 lm.requires_grad_(False)
