@@ -179,6 +179,17 @@ def training_text():
     return docstrings(TRAIN_MODULES)
 
 
+def chat_turns(tokenizer, text):
+    """The text as the LM's chat template renders it, as token ids: consecutive paragraphs as a
+    user's message and the assistant's answer, so that the chat markers occur as in use."""
+    paragraphs = text.split("\n\n")
+    ids = []
+    for message, answer in zip(paragraphs[0::2], paragraphs[1::2]):
+        chat = [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
+        ids += tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+    return ids
+
+
 def evaluation_texts():
     """Two texts no part of training reads: the language reference's topics that `help()` shows,
     and the docstrings of modules outside TRAIN_MODULES."""
