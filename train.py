@@ -20,7 +20,7 @@ from tqdm import tqdm
 from configurator import UserError, check, configure, pick_device
 from metrics import closeness, top1_hits
 from model import PAD, ByteEncoder, ByteEncoderConfig, LossConfig
-from schedule import batch_order, get_lr
+from schedule import batch_order, counts_with_rank_prior, get_lr
 from storage import claim_out_dir, data_identity, load_checkpoint, load_data, save_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -60,6 +60,7 @@ softmax_min_count = 0  # the softmax term only for tokens the training text uses
 fisher_weight = 0.0  # weight of (pred - true)^T F (pred - true) / D; needs prepare_mistral_data.py --fisher_tokens=N
 token_weight_power = 0.0  # each token's loss is weighted by (1 + its count in the training text) ** this
 sample_power = 0.0  # tokens are drawn into batches with probability proportional to (1 + count) ** this; 0: each once an epoch
+rank_prior_tokens = 0.0  # pseudo-counts added to those counts by token id (schedule.counts_with_rank_prior)
 # optimizer: AdamW with linear warmup and cosine decay to min_lr
 learning_rate = 6e-4
 max_iters = 10000
@@ -81,7 +82,7 @@ for key in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_inte
             "n_embd", "head_hidden", "ngram_buckets"):
     check(config, key, 1)
 for key in ("ngram_max", "ngram_lr_scale", "warmup_iters", "softmax_negatives", "softmax_hub_negatives", "softmax_min_count",
-            "l1_weight", "mse_weight", "softmax_weight", "fisher_weight", "token_weight_power", "sample_power", "weight_decay",
+            "l1_weight", "mse_weight", "softmax_weight", "fisher_weight", "token_weight_power", "sample_power", "rank_prior_tokens", "weight_decay",
             "grad_clip", "max_seconds", "eval_interval_seconds", "min_lr"):
     check(config, key, 0)
 for key in ("learning_rate", "softmax_temperature"):
@@ -133,9 +134,10 @@ if fisher_weight and data.fisher is None:
     raise UserError(f"fisher_weight={fisher_weight} needs {data.folder}/fisher.npy; run: python prepare_mistral_data.py --model={model} --fisher_tokens=2048")
 fisher = data.fisher.to(dev) if fisher_weight else None
 # the mean weight over the trained tokens is 1, so the loss keeps its scale
-token_weights = (1.0 + data.text_counts.double()) ** token_weight_power
+counts = counts_with_rank_prior(data.text_counts, rank_prior_tokens)
+token_weights = (1.0 + counts) ** token_weight_power
 token_weights = (token_weights / token_weights[data.train_ids].mean()).float().to(dev)
-sample_weights = ((1.0 + data.text_counts.double()) ** sample_power).to(dev)
+sample_weights = ((1.0 + counts) ** sample_power).to(dev)
 softmax_weights = (data.text_counts >= softmax_min_count).float().to(dev)
 iter_num, epoch, batch_in_epoch, train_seconds, samples_total = 0, 0, 0, 0.0, 0
 best_val = -math.inf

@@ -117,3 +117,26 @@ def test_a_module_this_python_lacks_is_left_out_of_the_texts():
     from lm import docstrings
     assert docstrings(["json", "a_module_no_python_has", "textwrap"]) == docstrings(["json", "textwrap"])
     assert "JSON" in docstrings(["json"])
+
+
+def test_chat_turns_are_paragraph_pairs_in_the_template(smollm2_tokenizer):
+    """train_e2e.py's chat windows: SmolLM2's own template around pairs of the text's paragraphs."""
+    from lm import chat_turns, training_text
+    text = "\n\n".join(training_text().split("\n\n")[:4])
+    rendered = smollm2_tokenizer.decode(chat_turns(smollm2_tokenizer, text))
+    first, second, third, fourth = text.split("\n\n")
+    assert rendered.count("<|im_start|>user\n") == 2 and rendered.count("<|im_start|>assistant\n") == 2
+    assert rendered.count("<|im_end|>") == 6  # a system turn the template adds, then user and assistant, twice
+    assert f"<|im_start|>user\n{first}<|im_end|>\n<|im_start|>assistant\n{second}<|im_end|>" in rendered
+    assert rendered.index(second) < rendered.index(f"user\n{third}<|im_end|>\n<|im_start|>assistant\n{fourth}")
+
+
+def test_rank_prior_adds_its_tokens_by_zipf_over_the_ids():
+    from schedule import counts_with_rank_prior
+    text_counts = torch.tensor([0, 5, 0, 0, 7] + [0] * 995)
+    assert torch.equal(counts_with_rank_prior(text_counts, 0.0), text_counts.double())
+    counts = counts_with_rank_prior(text_counts, 1000.0)
+    prior = counts - text_counts.double()
+    assert prior.sum().item() == pytest.approx(1000.0)
+    assert (prior[:-1] > prior[1:]).all()  # a lower id, earlier in the merge order, gets more
+    assert prior[0] / prior[900] == pytest.approx(1000 / 100)  # 1 / (id + 100)
