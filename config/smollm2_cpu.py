@@ -18,6 +18,9 @@ gradient_accumulation_steps = 1
 # the spliced LM reads the tokens text uses: draw them in proportion to their count in the
 # training text (plus one, so that every token still comes now and then)
 sample_power = 1.0
+# plus pseudo-counts by BPE id (merge order, roughly frequency): tokens common in chat but
+# absent from the docstrings (" France", " answer") come up a few times more often
+rank_prior_tokens = 1e5
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_iters = 50
