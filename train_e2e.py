@@ -13,6 +13,7 @@ $ python train_e2e.py config/smollm2_cpu.py --e2e_seconds=300
 import os
 import time
 
+import jinja2
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -64,7 +65,11 @@ text = training_text()
 windows = cut_windows(tokenizer(text, add_special_tokens=False)["input_ids"], "the training text")
 n_chat = round(e2e_windows * e2e_chat_share) if tokenizer.chat_template else 0
 if n_chat:
-    chat_windows = cut_windows(chat_turns(tokenizer, text), "the training text as chat turns")
+    try:
+        chat_ids = chat_turns(tokenizer, text)
+    except jinja2.TemplateError as e:
+        raise UserError(f"the tokenizer's chat template does not render a user turn and an assistant turn ({e}); run with --e2e_chat_share=0") from None
+    chat_windows = cut_windows(chat_ids, "the training text as chat turns")
 input_ids, table, train_ids = data.input_ids.to(dev), data.table.to(dev), data.train_ids
 embed = lm.get_input_embeddings()
 # held-out tokens in a window read the LM's own rows: they are context, never targets, so they
@@ -113,7 +118,7 @@ bar.close()
 
 checkpoint["model"] = encoder.state_dict()
 checkpoint["e2e"] = {"steps": steps, "seconds": round(seconds, 1), "context": e2e_context, "windows": e2e_windows, "chat_windows": n_chat,
-                     "learning_rate": e2e_learning_rate, "regression_tokens": e2e_regression_tokens, "mse_weight": mse_weight}
+                     "last_kl": kl.item(), "learning_rate": e2e_learning_rate, "regression_tokens": e2e_regression_tokens, "mse_weight": mse_weight}
 if not all(torch.isfinite(p).all() for p in encoder.parameters()):
     raise UserError("the weights became non-finite; nothing was saved, lower e2e_learning_rate")
 save_checkpoint(os.path.join(out_dir, "ckpt.pt"), checkpoint)

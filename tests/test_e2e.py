@@ -1,11 +1,14 @@
 """
 train_e2e.py, the second stage through the frozen LM, as a user runs it on the tiny Mistral:
 it lowers the KL divergence between the LM's next-token distributions with its own rows and
-with the encoder's, leaves the LM's files as they were, and writes a checkpoint that the
-other scripts still accept.
+with the encoder's, leaves the LM's files as they were, never predicts a held-out token's row
+in a window, and writes a checkpoint that the other scripts still accept.
 """
+import json
 import shutil
+from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
@@ -13,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from lm import load_tokenizer, training_text
 from model import PAD
 from storage import data_identity, load_checkpoint, load_data, load_encoder
-from helpers import ONE_THREAD, fails_with, files_under, run_script, succeeds
+from helpers import ONE_THREAD, TINY_TRAIN, fails_with, files_under, run_script, succeeds
 
 
 @torch.no_grad()
@@ -53,3 +56,47 @@ def test_e2e_lowers_the_kl_and_keeps_the_lm(tiny_mistral, trained_mistral, workd
 def test_e2e_without_a_checkpoint_is_one_sentence(tiny_mistral, prepared_mistral, workdir, tmp_path):
     fails_with(run_script("train_e2e.py", f"--model={tiny_mistral.folder}", f"--out_dir={tmp_path / 'none'}", cwd=workdir),
                "no checkpoint")
+
+
+@pytest.fixture(scope="module")
+def mostly_held_out(tiny_mistral, workdir, tmp_path_factory):
+    """A copy of the tiny Mistral with all but 16 tokens held out, in a split (seed 37) in which
+    none of the 16 occurs in the training text, and a checkpoint of 2 iterations on it."""
+    folder = tmp_path_factory.mktemp("models") / "mostly-held-out"
+    shutil.copytree(tiny_mistral.folder, folder)
+    out_dir = folder.parent / "out-held-out"
+    succeeds(run_script("prepare_mistral_data.py", f"--model={folder}", "--val_fraction=0.9995", "--seed=37", cwd=workdir))
+    succeeds(run_script("train.py", f"--model={folder}", f"--out_dir={out_dir}", *TINY_TRAIN, "--max_iters=2",
+                        "--eval_interval=2", cwd=workdir, env=ONE_THREAD))
+    return SimpleNamespace(folder=folder, out_dir=out_dir)
+
+
+def test_held_out_tokens_keep_their_own_rows_in_the_windows(mostly_held_out, workdir, monkeypatch):
+    """Held-out tokens are never targets, not even through the KL: no token of a window is a
+    trained one here, so the LM reads its own rows everywhere and the KL is zero. (Were held-out
+    rows predicted, it would not be: the first test starts from a KL well above zero.)"""
+    folder, out_dir = mostly_held_out.folder, mostly_held_out.out_dir
+    monkeypatch.chdir(workdir)
+    data = load_data(str(folder))
+    text_tokens = set(load_tokenizer(folder)(training_text(), add_special_tokens=False)["input_ids"])
+    assert not text_tokens & set(data.train_ids.tolist()) and len(text_tokens & set(data.val_ids.tolist())) > 1000
+    succeeds(run_script("train_e2e.py", f"--model={folder}", f"--out_dir={out_dir}", "--e2e_seconds=3", "--e2e_context=64",
+                        "--mse_weight=0", cwd=workdir, env=ONE_THREAD))
+    checkpoint = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["e2e"]["steps"] > 0 and checkpoint["e2e"]["last_kl"] < 1e-6, checkpoint["e2e"]
+
+
+def test_a_chat_template_that_cannot_render_the_turns_is_one_sentence(mostly_held_out, workdir):
+    """Some templates refuse an assistant turn or a role they do not know; the chat windows then
+    cannot be made, and the user is told to leave them out."""
+    config_file = mostly_held_out.folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "chat_template": "{{ raise_exception('only user turns') }}"}))
+    try:
+        proc = run_script("train_e2e.py", f"--model={mostly_held_out.folder}", f"--out_dir={mostly_held_out.out_dir}",
+                          "--e2e_seconds=1", cwd=workdir, env=ONE_THREAD)
+        fails_with(proc, "chat template", "only user turns", "--e2e_chat_share=0")
+        succeeds(run_script("train_e2e.py", f"--model={mostly_held_out.folder}", f"--out_dir={mostly_held_out.out_dir}",
+                            "--e2e_seconds=1", "--e2e_chat_share=0", cwd=workdir, env=ONE_THREAD))
+    finally:
+        config_file.write_text(json.dumps(config))
