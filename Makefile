@@ -16,4 +16,4 @@ demo: install
 	$(PYTHON) test_mistral.py $(CONFIG)
 
 test: install
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q

@@ -40,7 +40,7 @@ def train(name, config_file, seconds, evals, *overrides):
     if os.path.exists(log):
         os.remove(log)
     cmd = [sys.executable, "train.py", config_file, f"--model={model}", f"--out_dir={os.path.join(out_dir, name)}",
-           f"--max_seconds={seconds}", "--max_iters=1000000000", "--eval_interval=1000000000",
+           f"--max_seconds={seconds}", "--max_iters=0", "--eval_interval=0",
            f"--eval_interval_seconds={seconds / evals}", f"--log_file={log}", *overrides]
     print(f"\n== {name}: {' '.join(cmd[1:])}", flush=True)
     if subprocess.run(cmd).returncode != 0:

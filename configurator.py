@@ -6,6 +6,7 @@ traceback.
 
 $ python train.py config/smollm2_cpu.py --batch_size=128
 """
+import ast
 import math
 import os
 import sys
@@ -30,6 +31,23 @@ def _one_sentence(kind, error, tb):
 # scripts raise UserError wherever they find the mistake, module level included
 sys.excepthook = _one_sentence
 
+# the scripts that read config files; a key none of them declares is a typo, not another script's option
+SCRIPTS = ("prepare_mistral_data.py", "train.py", "train_e2e.py", "evaluate.py", "test_mistral.py", "tokens.py", "bench.py")
+
+
+def declared_options():
+    """Every option some script declares: the names it assigns at module level before it calls configure()."""
+    names = set()
+    for script in SCRIPTS:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), script), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in tree.body:
+            if isinstance(node, ast.Expr) and "configure(" in ast.unparse(node):
+                break
+            if isinstance(node, ast.Assign):
+                names.update(t.id for t in node.targets if isinstance(t, ast.Name) and not t.id.isupper())
+    return names
+
 
 def configure(config, argv=None):
     """Apply a config file and --key=value overrides to the dict of a script's globals."""
@@ -46,6 +64,11 @@ def configure(config, argv=None):
             except Exception as e:
                 raise UserError(f"config file {arg} failed to run ({type(e).__name__}: {e}); fix it, it is plain Python") from None
             # a config file may also set keys that only other scripts use, so one file serves them all
+            values = {k: v for k, v in values.items() if not k.startswith("_") and not isinstance(v, type(os))}
+            unknown = sorted(set(values) - known - declared_options())
+            if unknown:
+                raise UserError(f"config file {arg} sets {', '.join(unknown)}, which no script declares; fix the name "
+                                f"(the options are the globals at the top of each script)")
             config.update({k: v for k, v in values.items() if k in known})
             continue
         key, sep, value = arg[2:].partition("=")

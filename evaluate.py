@@ -1,10 +1,12 @@
 """
 How well does the trained byte encoder predict the LM's embedding table? Predicts every
 row, reports the prototype's top-1 accuracy, cosine and norms per group of tokens and by
-byte length, draws two plots, and saves the predicted table for the splice test.
+byte length, draws two plots, and saves the predicted table (with the id of the checkpoint it
+came from) for the splice test and tokens.py.
 A `# %%` notebook: run it cell by cell in VS Code or Jupyter, or top to bottom:
 
 $ python evaluate.py config/smollm2_cpu.py
+$ python evaluate.py config/smollm2_cpu.py --checkpoint=regression   # train.py's ckpt.pt, not the e2e stage
 $ python evaluate.py config/mistral_gpu.py --out_dir=out-mistral-long
 """
 # %%
@@ -18,36 +20,39 @@ matplotlib.use("Agg")  # plots go to PNG files; no display needed
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from configurator import check, configure, pick_device
 from metrics import closeness, top1_hits
 from model import PAD
-from storage import atomic_write, check_writable, data_identity, load_checkpoint, load_data, load_encoder, write_text_file
+from splice import PREDICTED_FILE, write_predicted_table
+from storage import atomic_write, check_writable, checkpoint_source, data_identity, load_checkpoint, load_data, load_encoder, write_text_file
 
-model = "mistralai/Mistral-7B-v0.1"  # whose table: data/<name>/ from prepare_mistral_data.py
-out_dir = "out-mistral"  # holds ckpt.pt from train.py; the plots, eval.json and new_embeddings.safetensors go here too
-batch_size = 1024  # tokens per encoder forward pass
+model = "smollm2"  # whose table: data/<name>/ from prepare_mistral_data.py
+out_dir = "out-smollm2"  # holds the checkpoints; the plots, eval.json and new_embeddings.safetensors go here too
+checkpoint = "auto"  # regression (train.py's ckpt.pt), e2e (train_e2e.py's e2e.pt), or auto: the last stage that ran
+predict_batch_size = 1024  # tokens per encoder forward pass
 device = "auto"  # auto: cuda, then mps, then cpu
 # inside a Jupyter kernel sys.argv holds the kernel's own flags: edit the globals above instead
 configure(globals(), [] if "ipykernel" in sys.modules else None)
-check(globals(), "batch_size", 1)
+check(globals(), "predict_batch_size", 1)
 device = pick_device(device)
 started = time.time()
 
 # %% load the prepared data and the checkpoint trained on it
 data = load_data(model)
-checkpoint = load_checkpoint(out_dir, data_identity(data))
+checkpoint = load_checkpoint(out_dir, data_identity(data), checkpoint)
+source = checkpoint_source(checkpoint, out_dir)
 check_writable(out_dir)
 encoder = load_encoder(checkpoint, device)
 input_ids, table = data.input_ids, data.table
 vocab_size, dim = table.shape
-print(f"{data.meta['model']}: table {vocab_size}x{dim}; checkpoint {out_dir}/ckpt.pt at iteration {checkpoint['iter_num']}")
+print(f"{data.meta['model']}: table {vocab_size}x{dim}; checkpoint {source['checkpoint']} ({checkpoint['stage']} stage"
+      + (f", {checkpoint['e2e']['steps']} e2e steps after" if checkpoint["stage"] == "e2e" else ",") + f" iteration {checkpoint['iter_num']})")
 
 # %% predict the whole table, untrained and duplicate rows included: new tokens are the point.
 # This prediction, as it is, is what test_mistral.py splices in and tokens.py's soft rows are
-predicted = encoder.predict(input_ids, batch_size)
+predicted = encoder.predict(input_ids, predict_batch_size)
 # argmax over the whole table, chunked; on the device because it is V x V x D work
 table_dev, ids = table.to(device), torch.arange(vocab_size)
 chunk = 8192
@@ -72,7 +77,8 @@ def id_mask(token_ids):
     return mask
 
 
-groups = {"trained": id_mask(data.train_ids), "held-out": id_mask(data.val_ids), "in text": data.text_counts > 0,
+groups = {"trained": id_mask(data.train_ids), "selection": id_mask(data.select_ids), "held-out": id_mask(data.val_ids),
+          "in text": data.text_counts > 0,
           "special": flagged("special"), "untrained": flagged("untrained"), "duplicate": flagged("duplicate"),
           "all": torch.ones(vocab_size, dtype=torch.bool)}
 
@@ -154,9 +160,8 @@ atomic_write(os.path.join(out_dir, "accuracy_by_length.png"), lambda tmp: fig.sa
 plt.close(fig)
 
 # %% save the prediction for test_mistral.py, and the numbers for bench and README
-atomic_write(os.path.join(out_dir, "new_embeddings.safetensors"), lambda tmp: save_file({"embeddings": predicted.contiguous()}, tmp))
-report = {"model": data.meta["model"], "revision": data.meta["revision"], "vocab_size": vocab_size, "dim": dim,
-          "checkpoint": os.path.join(out_dir, "ckpt.pt"), "iter_num": checkpoint["iter_num"],
+write_predicted_table(out_dir, predicted, checkpoint)
+report = {**source, "revision": data.meta["revision"], "table_sha256": data.meta["table_sha256"],
           "groups": summary, "by_length": by_length, "seconds": round(time.time() - started, 1)}
 write_text_file(os.path.join(out_dir, "eval.json"), json.dumps(report, indent=1) + "\n")
-print(f"\nwrote {out_dir}/new_embeddings.safetensors, eval.json, norms.png, accuracy_by_length.png in {report['seconds']:.0f}s")
+print(f"\nwrote {out_dir}/{PREDICTED_FILE}, eval.json, norms.png, accuracy_by_length.png in {report['seconds']:.0f}s")

@@ -220,30 +220,6 @@ def scoring_texts(text_file=""):
     return {text_file: read_text_file(text_file)} if text_file else evaluation_texts()
 
 
-def input_fisher(lm, ids, context):
-    """F = E[g g^T], g the gradient of the next-token loss with respect to the input row at each
-    position of the text: how much the LM's loss moves when an input row moves in each
-    direction, averaged over the text's positions. [D, D], scaled to trace D, so that
-    (pred - true)^T F (pred - true) / D is an MSE that weighs directions by the LM's sensitivity."""
-    from tqdm import tqdm
-    embed = lm.get_input_embeddings()
-    dim = embed.weight.shape[1]
-    fisher, positions = torch.zeros(dim, dim, dtype=torch.float64), 0
-    for start in tqdm(range(0, len(ids), context), desc="fisher", leave=False):
-        window = ids[start:start + context][None].to(lm.device)
-        if window.shape[1] < 2:
-            continue
-        rows = embed(window).detach().requires_grad_(True)
-        # the summed loss, so that each position's gradient is its own token's, not divided by the window
-        loss = lm(inputs_embeds=rows, labels=window).loss * (window.shape[1] - 1)
-        (grad,) = torch.autograd.grad(loss, rows)
-        grad = grad[0].double().cpu()
-        fisher += grad.T @ grad
-        positions += window.shape[1]
-    fisher /= positions
-    return (fisher * dim / fisher.trace()).float()
-
-
 @torch.no_grad()
 def perplexity(lm, ids, context):
     """exp of the mean next-token loss, the text cut into independent windows of `context` tokens."""

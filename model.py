@@ -41,7 +41,6 @@ class LossConfig:
     mse_weight: float = 1.0
     softmax_weight: float = 0.0
     softmax_temperature: float = 1.0
-    fisher_weight: float = 0.0  # (pred - true)^T F (pred - true) / D, F the LM's input Fisher matrix (lm.input_fisher)
 
 
 class SelfAttention(nn.Module):
@@ -86,12 +85,10 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def embedding_loss(pred, targets, loss, weights=None, ids=None, negatives=None, negative_ids=None, fisher=None,
-                   softmax_weights=None):
+def embedding_loss(pred, targets, loss, weights=None, ids=None, negatives=None, negative_ids=None, softmax_weights=None):
     """How far predicted rows [B, D] are from the true rows [B, D], as `loss` (a LossConfig)
     weighs it. weights [B]: each token's share of the loss (mean 1 over the vocabulary);
-    softmax_weights [B]: each token's share of the softmax term alone; fisher [D, D]: the
-    metric of the fisher term.
+    softmax_weights [B]: each token's share of the softmax term alone.
     The softmax term scores each prediction against the batch's true rows plus the rows
     `negatives` [K, D] and must pick its own. With the token ids of the batch (ids [B]) and of
     the negatives (negative_ids [K]), every candidate row stands once: a negative that is a
@@ -102,9 +99,6 @@ def embedding_loss(pred, targets, loss, weights=None, ids=None, negatives=None, 
         per_token = per_token + loss.l1_weight * (pred - targets).abs().mean(1)
     if loss.mse_weight:
         per_token = per_token + loss.mse_weight * (pred - targets).pow(2).mean(1)
-    if loss.fisher_weight:
-        error = pred - targets
-        per_token = per_token + loss.fisher_weight * ((error @ fisher) * error).mean(1)
     if loss.softmax_weight:
         candidates = targets if negatives is None else torch.cat([targets, negatives.float()])
         logits = pred @ candidates.T / loss.softmax_temperature
@@ -119,6 +113,27 @@ def embedding_loss(pred, targets, loss, weights=None, ids=None, negatives=None, 
         softmax = F.cross_entropy(logits, labels, reduction="none")
         per_token = per_token + loss.softmax_weight * (softmax if softmax_weights is None else softmax * softmax_weights)
     return (per_token * weights).mean() if weights is not None else per_token.mean()
+
+
+def trim_padding(idx):
+    """Rows [start] bytes [end] pad... cut to the longest token among them: the padding after
+    it cannot change a prediction (tests/test_model.py) and would only cost compute."""
+    return idx[:, :int((idx != PAD).sum(1).max())]
+
+
+def hub_ids(table, k):
+    """The k rows with the largest dot product with the mean row. On a table whose rows share a
+    large common direction (tied SmolLM2) these few win the dot product against most predictions,
+    so the softmax term keeps them among its negatives at every step."""
+    return (table @ table.mean(0)).topk(k).indices
+
+
+def softmax_negative_ids(table_size, n_sampled, hubs, generator):
+    """The rows the softmax term scores a batch against beside its own: the whole table when
+    n_sampled is 0, else the hubs and n_sampled ids drawn uniformly from generator."""
+    if n_sampled == 0:
+        return torch.arange(table_size, device=hubs.device)
+    return torch.cat([hubs, torch.randint(0, table_size, (n_sampled,), generator=generator).to(hubs.device)])
 
 
 def ngram_ids(idx, n, buckets):
@@ -210,13 +225,10 @@ class ByteEncoder(nn.Module):
         """Every row of input_ids [N, block] through the encoder, in batches of tokens of similar
         length trimmed to their longest, so little padding is computed; rows come back in order."""
         device = next(self.parameters()).device
-        lengths = (input_ids != PAD).sum(1)
-        order = lengths.argsort()
+        order = (input_ids != PAD).sum(1).argsort()
         rows = []
-        for start in tqdm(range(0, len(input_ids), batch_size), desc="predicting", leave=False, disable=len(input_ids) <= batch_size):
-            chunk = order[start:start + batch_size]
-            width = int(lengths[chunk].max())
-            rows.append(self(input_ids[chunk, :width].to(device))[0].float().cpu())
+        for start in tqdm(range(0, len(input_ids), batch_size), desc="predicting", leave=False, disable=len(input_ids) < 16 * batch_size):
+            rows.append(self(trim_padding(input_ids[order[start:start + batch_size]]).to(device))[0].float().cpu())
         predicted = torch.empty(len(input_ids), self.config.n_out)
         predicted[order] = torch.cat(rows)
         return predicted

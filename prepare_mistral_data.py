@@ -3,36 +3,35 @@ Turn an LM's vocabulary into training data for the byte encoder, in data/<name>/
   input_ids.npy   uint16 [V, block]  [start] bytes [end] pad...
   embeddings.npy  float32 [V, D]     the LM's input-embedding rows
   train_ids.npy   int64              the ids trained on
-  val_ids.npy     int64              the held-out ids, never trained on (stand-ins for new tokens)
+  select_ids.npy  int64              never trained on; they choose the checkpoint kept
+  val_ids.npy     int64              the held-out ids, never trained on nor chosen by: the new-token test
   text_counts.npy int64 [V]          how often each token occurs in the training text (lm.training_text)
-  meta.json       model, revision, sizes, and per token: text, bytes, flags
-  fisher.npy      float32 [D, D]     only with fisher_tokens > 0: the LM's input Fisher matrix on the training text
-Only the tokenizer and the input-embedding tensor are read, never the whole model (unless fisher_tokens > 0).
+  meta.json       model, revision, sizes, hashes (table_sha256, data_sha256), and per token: text, bytes, flags
+Only the tokenizer and the input-embedding tensor are read, never the whole model.
 
-$ python prepare_mistral_data.py                     # Mistral-7B-v0.1 from the hub
-$ python prepare_mistral_data.py --model=smollm2     # the embedded SmolLM2-135M, offline
+$ python prepare_mistral_data.py                                       # the embedded SmolLM2-135M, offline
+$ python prepare_mistral_data.py --model=mistralai/Mistral-7B-v0.1     # from the hub
 $ python prepare_mistral_data.py --model=/path/to/hf/folder
 """
 import json
 import os
 
 import numpy as np
-import torch
 
 from configurator import UserError, check, configure
-from lm import input_fisher, load_lm, load_tokenizer, read_input_embeddings, resolve_model, training_text
+from lm import load_tokenizer, read_input_embeddings, resolve_model, training_text
 from model import PAD
 from spelling import encode_bytes, has_target, token_bytes, untrained_rows
-from storage import atomic_write, data_dir, model_name, split_vocabulary, write_text_file
+from storage import DATA_FILES, atomic_write, data_dir, model_name, sha256, split_vocabulary, write_text_file
 
-model = "mistralai/Mistral-7B-v0.1"  # hub id, local folder, or "smollm2"
+model = "smollm2"  # hub id, local folder, or "smollm2"
 block_size = 50  # the prototype's width; grows to fit longer tokens, never truncates
 val_fraction = 0.05  # share of the usable vocabulary held out, to measure what the encoder does on tokens it never saw
-seed = 1337  # fixes the split
-fisher_tokens = 0  # if > 0, also load the whole LM and estimate its input Fisher matrix on this many tokens of the training text
+select_fraction = 0.02  # share held out to choose the checkpoint kept (train.py always_save_checkpoint=False), never the test
+split_seed = 1337  # fixes the split
 configure(globals())
 check(globals(), "val_fraction", 0.0, 1.0, high_open=True)
-check(globals(), "fisher_tokens", 0)
+check(globals(), "select_fraction", 0.0, 1.0, high_open=True)
 
 folder, revision = resolve_model(model, only_embeddings=True)
 print(f"reading the tokenizer and the input embeddings of {model} ({folder})")
@@ -53,15 +52,19 @@ for i, ((data, flags), dead, norm) in enumerate(zip(tokens, untrained, norms)):
         flags = flags | {"untrained"}
     entries.append({"id": i, "text": data.decode("utf-8", errors="replace"), "bytes": data.hex(),
                     "norm": round(norm, 5), "flags": sorted(flags)})
-train_ids, val_ids = split_vocabulary([e["id"] for e in entries if has_target(e["flags"])], val_fraction, seed)
+train_ids, select_ids, val_ids = split_vocabulary([e["id"] for e in entries if has_target(e["flags"])], val_fraction, select_fraction, split_seed)
 if len(train_ids) == 0:
-    raise UserError(f"no token of {model} is left to train on (val_fraction={val_fraction}, {len(val_ids)} usable tokens); lower val_fraction")
+    raise UserError(f"no token of {model} is left to train on (val_fraction={val_fraction}, select_fraction={select_fraction}, "
+                    f"{len(val_ids) + len(select_ids)} usable tokens); lower them")
 # how often each token occurs in text, for weighting and for scores that count what text uses
 text_ids = tokenizer(training_text(), add_special_tokens=False)["input_ids"]
 counts = np.bincount(np.asarray(text_ids, dtype=np.int64), minlength=len(tokens))[:len(tokens)]
+arrays = dict(zip(DATA_FILES, (input_ids, table.numpy().astype(np.float32), train_ids.numpy(), select_ids.numpy(), val_ids.numpy(), counts)))
 meta = {"model": model, "name": model_name(model), "revision": revision, "embedding_shard": os.path.basename(shard),
+        "table_sha256": sha256(arrays["embeddings.npy"]), "data_sha256": sha256(*arrays.values()),
         "tokenizer_kind": kind, "vocab_size": len(tokens), "dim": table.shape[1], "block_size": input_ids.shape[1],
-        "val_fraction": val_fraction, "seed": seed, "train_tokens": len(train_ids), "val_tokens": len(val_ids),
+        "val_fraction": val_fraction, "select_fraction": select_fraction, "split_seed": split_seed,
+        "train_tokens": len(train_ids), "select_tokens": len(select_ids), "val_tokens": len(val_ids),
         "training_text_tokens": len(text_ids),
         "counts": {flag: sum(flag in e["flags"] for e in entries) for flag in ("special", "byte_fallback", "duplicate", "untrained")},
         "tokens": entries}
@@ -69,20 +72,8 @@ meta = {"model": model, "name": model_name(model), "revision": revision, "embedd
 out = data_dir(model)
 if os.path.exists(os.path.join(out, "meta.json")):
     os.remove(os.path.join(out, "meta.json"))  # until the new one is written, the folder reads as not prepared
-atomic_write(os.path.join(out, "input_ids.npy"), lambda tmp: np.save(tmp, input_ids))
-atomic_write(os.path.join(out, "embeddings.npy"), lambda tmp: np.save(tmp, table.numpy().astype(np.float32)))
-atomic_write(os.path.join(out, "train_ids.npy"), lambda tmp: np.save(tmp, train_ids.numpy()))
-atomic_write(os.path.join(out, "val_ids.npy"), lambda tmp: np.save(tmp, val_ids.numpy()))
-atomic_write(os.path.join(out, "text_counts.npy"), lambda tmp: np.save(tmp, counts))
-if fisher_tokens:
-    lm, _ = load_lm(model)
-    fisher = input_fisher(lm, torch.tensor(text_ids[:fisher_tokens]), context=512)
-    atomic_write(os.path.join(out, "fisher.npy"), lambda tmp: np.save(tmp, fisher.numpy()))
-    eigenvalues = torch.linalg.eigvalsh(fisher.double()).flip(0)
-    print(f"input Fisher matrix on {min(fisher_tokens, len(text_ids))} tokens: the top 10% of its directions hold "
-          f"{eigenvalues[:len(eigenvalues) // 10].sum() / eigenvalues.sum():.0%} of its trace")
-elif os.path.exists(os.path.join(out, "fisher.npy")):
-    os.remove(os.path.join(out, "fisher.npy"))  # it belonged to the earlier table
+for name, array in arrays.items():
+    atomic_write(os.path.join(out, name), lambda tmp: np.save(tmp, array))
 # meta.json last: load_data takes its presence to mean the folder is complete.
 # One token per line keeps a 50k-token file readable with less and grep
 header = json.dumps({k: v for k, v in meta.items() if k != "tokens"}, indent=1)[:-2]
@@ -90,5 +81,6 @@ body = ",\n".join(json.dumps(e, ensure_ascii=False) for e in entries)
 write_text_file(os.path.join(out, "meta.json"), f'{header},\n "tokens": [\n{body}\n]}}\n')
 lengths = (input_ids != PAD).sum(1) - 2
 print(f"wrote {out}/: {len(tokens)} tokens x {table.shape[1]} dims, {kind} tokenizer, block {input_ids.shape[1]}, "
-      f"mean token {lengths.mean():.2f} bytes, longest {lengths.max()}; {len(train_ids)} train / {len(val_ids)} held-out; " +
+      f"mean token {lengths.mean():.2f} bytes, longest {lengths.max()}; {len(train_ids)} train / {len(select_ids)} selection / "
+      f"{len(val_ids)} held-out; " +
       ", ".join(f"{n} {flag}" for flag, n in meta["counts"].items()))

@@ -41,3 +41,9 @@ def get_lr(step, budget_used, warmup_steps, max_lr, min_lr):
     (the share of the step or time budget spent) goes from 0 to 1."""
     warmup = min(1.0, (step + 1) / (warmup_steps + 1))
     return warmup * (min_lr + 0.5 * (1.0 + math.cos(math.pi * min(budget_used, 1.0))) * (max_lr - min_lr))
+
+
+def budget_used(iter_num, train_seconds, max_iters, max_seconds):
+    """The share of a run's one budget spent: iterations if it has max_iters, else training
+    seconds. The learning rate decays over it and the run stops at 1."""
+    return iter_num / max_iters if max_iters > 0 else train_seconds / max_seconds

@@ -1,13 +1,16 @@
 """
 What lives on disk: the prepared data in data/<name>/ (written by prepare_mistral_data.py,
-read by the others), checkpoints, and atomic writes, so that an interrupted run never leaves
-a half-written file.
+read by the others), the checkpoints of the two training stages, and atomic writes, so that
+an interrupted run never leaves a half-written file. Every artifact says what it came from:
+the data by a hash of its arrays, a checkpoint by an id of its own and its parent's.
 """
+import hashlib
 import json
 import os
 import pickle
 import shutil
 import tempfile
+import uuid
 import zipfile
 from types import SimpleNamespace
 
@@ -17,7 +20,9 @@ import torch
 from configurator import UserError
 from model import BYTE_VOCAB, ByteEncoder, ByteEncoderConfig
 
-DATA_FILES = ("input_ids.npy", "embeddings.npy", "train_ids.npy", "val_ids.npy", "text_counts.npy")
+DATA_FILES = ("input_ids.npy", "embeddings.npy", "train_ids.npy", "select_ids.npy", "val_ids.npy", "text_counts.npy")
+# what each training stage writes in out_dir: train.py the regression, train_e2e.py the end-to-end stage from it
+STAGE_FILES = {"regression": "ckpt.pt", "e2e": "e2e.pt"}
 
 
 def model_name(model):
@@ -29,19 +34,32 @@ def data_dir(model):
     return os.path.join("data", model_name(model))
 
 
-def split_vocabulary(usable, val_fraction, seed):
-    """(train ids, held-out ids): the usable ids split deterministically from the seed. The
-    held-out ids are never trained on; they stand in for tokens the vocabulary never had."""
+def split_vocabulary(usable, val_fraction, select_fraction, seed):
+    """(train ids, selection ids, held-out ids): the usable ids split deterministically from the
+    seed. Neither the selection nor the held-out ids are ever trained on. The selection ids
+    choose the checkpoint kept; the held-out ids stand in for tokens the vocabulary never had,
+    and, chosen by nothing, they are the new-token test."""
     usable = torch.as_tensor(usable, dtype=torch.int64)
     order = usable[torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed))]
-    n_val = int(round(val_fraction * len(usable)))
-    return order[n_val:].sort().values, order[:n_val].sort().values
+    n_val, n_select = int(round(val_fraction * len(usable))), int(round(select_fraction * len(usable)))
+    parts = order[:n_val], order[n_val:n_val + n_select], order[n_val + n_select:]
+    return tuple(part.sort().values for part in (parts[2], parts[1], parts[0]))
+
+
+def sha256(*arrays):
+    """A hash of arrays' shapes, dtypes and bytes: what says two files hold the same data."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
 
 
 def load_data(model):
     """data/<name>/ as a namespace: input_ids [V, block] int64, table [V, D] float32, meta,
-    train_ids and val_ids (the split), text_counts [V] (each token's count in the training text),
-    fisher [D, D] or None."""
+    train_ids, select_ids and val_ids (the split), text_counts [V] (each token's count in the
+    training text)."""
     folder = data_dir(model)
     if not os.path.isfile(os.path.join(folder, "meta.json")):
         raise UserError(f"no prepared data in {folder}; run: python prepare_mistral_data.py --model={model}")
@@ -49,27 +67,35 @@ def load_data(model):
         with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
             meta = json.load(f)
         arrays = {name[:-4]: np.load(os.path.join(folder, name), allow_pickle=False) for name in DATA_FILES}
-        vocab_size, dim = meta["vocab_size"], meta["dim"]
+        vocab_size, dim, _ = meta["vocab_size"], meta["dim"], meta["data_sha256"]
     except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
         raise UserError(f"the prepared data in {folder} is incomplete or corrupt ({type(e).__name__}); run again: python prepare_mistral_data.py --model={model}") from None
     input_ids, table = arrays["input_ids"], arrays["embeddings"]
     if (input_ids.ndim != 2 or input_ids.shape[0] != vocab_size or table.shape != (vocab_size, dim)
             or arrays["text_counts"].shape != (vocab_size,) or input_ids.size == 0 or input_ids.max() >= BYTE_VOCAB):
         raise UserError(f"the prepared data in {folder} does not fit together (shapes or byte ids out of range); run again: python prepare_mistral_data.py --model={model}")
-    fisher_file = os.path.join(folder, "fisher.npy")
-    fisher = torch.from_numpy(np.load(fisher_file, allow_pickle=False)) if os.path.isfile(fisher_file) else None
-    if fisher is not None and fisher.shape != (dim, dim):
-        raise UserError(f"{fisher_file} is not {dim}x{dim}; run again: python prepare_mistral_data.py --model={model} --fisher_tokens=N")
-    return SimpleNamespace(input_ids=torch.from_numpy(input_ids.astype(np.int64)), table=torch.from_numpy(table.astype(np.float32)), fisher=fisher,
-                           meta=meta, train_ids=torch.from_numpy(arrays["train_ids"]), val_ids=torch.from_numpy(arrays["val_ids"]),
+    return SimpleNamespace(input_ids=torch.from_numpy(input_ids.astype(np.int64)), table=torch.from_numpy(table.astype(np.float32)),
+                           meta=meta, train_ids=torch.from_numpy(arrays["train_ids"]), select_ids=torch.from_numpy(arrays["select_ids"]),
+                           val_ids=torch.from_numpy(arrays["val_ids"]),
                            text_counts=torch.from_numpy(arrays["text_counts"]), folder=folder)
 
 
 def data_identity(data):
-    """What a checkpoint must match to be used with this data: the table's model and shape,
-    and the split (or held-out numbers would include trained tokens)."""
+    """What a checkpoint must match to be used with this data: the table's model and shape, and
+    the hash of every array prepare wrote (the table, the bytes, the split, the counts), or
+    held-out numbers could include trained tokens."""
     return {"model": data.meta["model"], "vocab_size": data.meta["vocab_size"], "dim": data.meta["dim"],
-            "val_ids_sum": int(data.val_ids.sum()), "n_val": len(data.val_ids)}
+            "data_sha256": data.meta["data_sha256"]}
+
+
+def check_lm_table(lm_table, data, model):
+    """The LM loaded now must have the input table the data was prepared from (in the dtype it
+    was loaded in), or every comparison with it is void."""
+    vocab_size = data.meta["vocab_size"]
+    if lm_table.shape[0] < vocab_size or lm_table.shape[1] != data.meta["dim"] or not torch.equal(
+            lm_table[:vocab_size].detach().cpu(), data.table.to(lm_table.dtype)):
+        raise UserError(f"the input table of {model} is not the one {data.folder} was prepared from (the folder or the hub "
+                        f"revision changed); run: python prepare_mistral_data.py --model={model}, then train again")
 
 
 def atomic_write(path, write):
@@ -127,21 +153,23 @@ def claim_out_dir(out_dir):
 
 
 def save_checkpoint(path, checkpoint):
+    """Write a checkpoint under an id of its own, which everything made from it records."""
+    checkpoint["id"] = uuid.uuid4().hex
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    return checkpoint["id"]
 
 
-CHECKPOINT_KEYS = ("model", "model_args", "config", "data", "iter_num")
+CHECKPOINT_KEYS = ("model", "model_args", "config", "data", "iter_num", "id", "stage")
 
 
-def load_checkpoint(out_dir, expect=None):
-    """Load out_dir/ckpt.pt without running any code it may carry (weights_only). With expect
+def read_checkpoint(path, expect=None):
+    """Load a checkpoint without running any code it may carry (weights_only). With expect
     (data_identity of the data, or just model, vocab_size and dim), refuse a checkpoint trained
-    on another model's table or on another train / held-out split."""
-    path = os.path.join(out_dir, "ckpt.pt")
+    on another model's table or on other prepared data."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}; run: python train.py (with the same config) first")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise UserError(f"{path} is not a checkpoint this repo can read ({type(e).__name__}); it may be truncated, "
                         f"corrupt, or carry code, which is never run: train again or use another --out_dir") from None
@@ -153,9 +181,34 @@ def load_checkpoint(out_dir, expect=None):
             raise UserError(f"checkpoint {path} was trained on {trained.get('model')} ({trained.get('vocab_size')}x{trained.get('dim')}) but this is "
                             f"{expect['model']} ({expect['vocab_size']}x{expect['dim']}); pass the matching --model or --out_dir")
         if any(trained.get(k) != v for k, v in expect.items()):
-            raise UserError(f"checkpoint {path} was trained on another train / held-out split of {expect['model']}; "
-                            f"prepare the data again with the val_fraction and seed it was trained with, or train again")
+            raise UserError(f"checkpoint {path} was trained on other prepared data of {expect['model']} (another split, table or "
+                            f"text); prepare the data again with the settings it was trained with, or train again")
     return checkpoint
+
+
+def load_checkpoint(out_dir, expect=None, which="auto"):
+    """The checkpoint of out_dir that `which` names: "regression" (train.py's ckpt.pt), "e2e"
+    (train_e2e.py's e2e.pt), or "auto", the last stage that ran. An e2e.pt made from an earlier
+    ckpt.pt than the one there now is refused: it belongs to another run."""
+    if which not in ("auto", *STAGE_FILES):
+        raise UserError(f"checkpoint={which!r} is not known; use auto, regression or e2e")
+    e2e_path = os.path.join(out_dir, STAGE_FILES["e2e"])
+    if which == "auto":
+        which = "e2e" if os.path.isfile(e2e_path) else "regression"
+    regression = read_checkpoint(os.path.join(out_dir, STAGE_FILES["regression"]), expect)
+    if which == "regression":
+        return regression
+    checkpoint = read_checkpoint(e2e_path, expect)
+    if checkpoint["e2e"]["parent"] != regression["id"]:
+        raise UserError(f"{e2e_path} was trained from an earlier {out_dir}/ckpt.pt than the one there now; run train_e2e.py "
+                        f"again (it replaces it) or pass --checkpoint=regression")
+    return checkpoint
+
+
+def checkpoint_source(checkpoint, out_dir):
+    """What a predicted table or a report records of the checkpoint it came from."""
+    return {"checkpoint": os.path.join(out_dir, STAGE_FILES[checkpoint["stage"]]), "checkpoint_id": checkpoint["id"],
+            "stage": checkpoint["stage"], "iter_num": checkpoint["iter_num"], **checkpoint["data"]}
 
 
 def load_encoder(checkpoint, device="cpu"):

@@ -1,6 +1,7 @@
 """
 The splice test: does the LM still work when its input-embedding table is replaced by the
-byte encoder's prediction (out_dir/new_embeddings.safetensors, from evaluate.py)? Greedy
+byte encoder's prediction (out_dir/new_embeddings.safetensors, from evaluate.py, which must
+come from the checkpoint out_dir holds now and the LM's table the data was made from)? Greedy
 answers to a chat prompt, and perplexity on two texts that no part of training reads
 (lm.evaluation_texts), original table against spliced table. Only the input table changes;
 the output head keeps the LM's own weights.
@@ -15,15 +16,15 @@ import textwrap
 import time
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from configurator import UserError, check, configure, pick_device
-from lm import load_lm, perplexity, scoring_texts, untie_head
-from storage import check_writable, write_text_file
+from lm import load_lm, perplexity, resolve_model, scoring_texts
+from splice import read_predicted_table, splice_rows
+from storage import check_lm_table, check_writable, data_identity, load_checkpoint, load_data, write_text_file
 
-model = "mistralai/Mistral-7B-v0.1"  # hub id, local folder, or "smollm2"
-out_dir = "out-mistral"  # holds new_embeddings.safetensors from evaluate.py; splice.json goes here
+model = "smollm2"  # hub id, local folder, or "smollm2"
+out_dir = "out-smollm2"  # holds new_embeddings.safetensors from evaluate.py; splice.json goes here
+checkpoint = "auto"  # the checkpoint the predictions must come from: regression, e2e, or auto (the last stage that ran)
 prompt = "What is the capital of France? Answer in one sentence."
 max_new_tokens = 48
 text_file = ""  # text for perplexity; empty: the two evaluation texts from Python's documentation
@@ -42,26 +43,15 @@ if dtype not in dtypes and dtype != "auto":
 torch_dtype = dtypes[dtype] if dtype != "auto" else torch.bfloat16 if dev.startswith("cuda") else torch.float32
 
 # check the cheap inputs before loading the LM
-path = os.path.join(out_dir, "new_embeddings.safetensors")
-if not os.path.isfile(path):
-    raise UserError(f"no {path}; run: python evaluate.py (with the same config) first")
-try:
-    new = load_file(path).get("embeddings")
-except (SafetensorError, OSError):
-    raise UserError(f"{path} is not a readable safetensors file; rerun evaluate.py to write it again") from None
-if new is None or new.ndim != 2:
-    raise UserError(f"{path} has no 2-D tensor named 'embeddings'; rerun evaluate.py to write it again")
+resolve_model(model)
+data = load_data(model)
+new, source = read_predicted_table(out_dir, load_checkpoint(out_dir, data_identity(data), checkpoint))
 texts = scoring_texts(text_file)
 check_writable(out_dir)
 
 print(f"loading {model} ({torch_dtype}, {dev})")
 lm, tokenizer = load_lm(model, torch_dtype, dev)
-embed, head = lm.get_input_embeddings(), lm.get_output_embeddings()
-rows, dim = embed.weight.shape
-# the LM's table may have padding rows past the tokenizer's vocabulary; the prediction covers the vocabulary
-if new.shape[1] != dim or not len(tokenizer) <= new.shape[0] <= rows:
-    raise UserError(f"{path} is {new.shape[0]}x{new.shape[1]} but {model} has {len(tokenizer)} tokens and a {rows}x{dim} input table; "
-                    f"it was made for another model: run evaluate.py with this model's config")
+check_lm_table(lm.get_input_embeddings().weight, data, model)
 text_ids = {name: tokenizer(text, return_tensors="pt")["input_ids"][0][:eval_tokens] for name, text in texts.items()}
 for name, ids in text_ids.items():
     if len(ids) < 2:
@@ -71,8 +61,7 @@ if tokenizer.chat_template:
 else:
     inputs = tokenizer(prompt, return_tensors="pt")
 inputs = {k: v.to(lm.device) for k, v in inputs.items()}
-untie_head(lm)
-head_before = head.weight.detach().clone()
+head_before = lm.get_output_embeddings().weight.detach().clone()
 
 
 @torch.no_grad()
@@ -85,12 +74,12 @@ def answer():
 results = {}
 for table_name in ("original", "spliced"):
     if table_name == "spliced":
-        with torch.no_grad():
-            embed.weight[:len(new)] = new.to(embed.weight.device, embed.weight.dtype)
+        splice_rows(lm, new)
     t0 = time.time()
     results[table_name] = {"answer": answer(), "perplexity": {name: perplexity(lm, ids, context) for name, ids in text_ids.items()}}
     print(f"{table_name}: {time.time() - t0:.1f}s")
-if lm.get_output_embeddings().weight is embed.weight or not torch.equal(head.weight, head_before):
+head = lm.get_output_embeddings().weight
+if head is lm.get_input_embeddings().weight or not torch.equal(head, head_before):
     raise RuntimeError("the output head changed while splicing the input table; the comparison is void")
 
 width = 50
@@ -107,7 +96,7 @@ for name, ids in text_ids.items():
     ratios[name] = spliced / original
     print(f"  {name} ({len(ids)} tokens): original {original:.2f}, spliced {spliced:.2f} ({ratios[name]:.2f}x)")
 
-report = {"model": model, "embeddings": path, "device": dev, "dtype": str(torch_dtype).removeprefix("torch."),
+report = {**source, "embeddings": os.path.join(out_dir, "new_embeddings.safetensors"), "lm": model, "device": dev, "dtype": str(torch_dtype).removeprefix("torch."),
           "prompt": prompt, "chat_template": bool(tokenizer.chat_template), "max_new_tokens": max_new_tokens,
           "texts": {name: len(ids) for name, ids in text_ids.items()}, "context": context,
           "perplexity": {"original": results["original"]["perplexity"], "spliced": results["spliced"]["perplexity"]},

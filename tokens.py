@@ -34,13 +34,15 @@ from tqdm import tqdm
 
 from configurator import UserError, check, configure, pick_device
 from filling import METHODS, new_rows
-from lm import load_lm, load_tokenizer, perplexity, read_input_embeddings, resolve_model, scoring_texts, untie_head
+from lm import load_lm, load_tokenizer, perplexity, read_input_embeddings, resolve_model, scoring_texts
+from splice import read_predicted_table, splice_rows
 from spelling import token_bytes, token_piece, untrained_rows
-from storage import atomic_write, data_identity, load_checkpoint, load_data
+from storage import atomic_write, check_lm_table, data_identity, load_checkpoint, load_data
 
 COMMANDS = ("detect", "repair", "add", "compare")
 model = "smollm2"  # hub id, local folder, or "smollm2"
-out_dir = "out-smollm2"  # holds ckpt.pt from train.py (needed by soft and compare)
+out_dir = "out-smollm2"  # holds the checkpoints (needed by soft) and new_embeddings.safetensors (needed by compare)
+checkpoint = "auto"  # soft, compare: regression (train.py's ckpt.pt), e2e (train_e2e.py's e2e.pt), or auto: the last stage that ran
 method = "soft"  # repair, add: mean, fvt or soft
 save = ""  # repair, add: a new folder for the model and tokenizer
 text_file = ""  # compare: text for perplexity; empty: the two evaluation texts from Python's documentation
@@ -155,10 +157,10 @@ def repair():
     ids = dead.nonzero()[:, 0]
     if len(ids) == 0:
         raise UserError(f"{model} has no untrained input rows (none has a norm below 0.1 x the median); there is nothing to repair")
-    checkpoint = None
+    trained = None
     if method == "soft":
-        checkpoint = load_checkpoint(out_dir, {"model": model, "vocab_size": vocab_size, "dim": table.shape[1]})
-    rows = new_rows(method, [tokens[i][0] for i in ids], table, ~dead, tokenizer, checkpoint)
+        trained = load_checkpoint(out_dir, {"model": model, "vocab_size": vocab_size, "dim": table.shape[1]}, checkpoint)
+    rows = new_rows(method, [tokens[i][0] for i in ids], table, ~dead, tokenizer, trained)
     with torch.no_grad():
         embed[ids] = rows.to(embed.dtype)
     # an untied head may have untrained rows of its own (Llama 3's reserved tokens are zero on both sides)
@@ -189,10 +191,10 @@ def add():
     embed = lm.get_input_embeddings().weight
     table = embed.detach()[:vocab_size].float().clone()
     known = ~untrained_rows(table)
-    checkpoint = None
+    trained = None
     if method == "soft":
-        checkpoint = load_checkpoint(out_dir, {"model": model, "vocab_size": vocab_size, "dim": table.shape[1]})
-    rows = new_rows(method, [s.encode("utf-8") for s in strings], table, known, tokenizer, checkpoint)
+        trained = load_checkpoint(out_dir, {"model": model, "vocab_size": vocab_size, "dim": table.shape[1]}, checkpoint)
+    rows = new_rows(method, [s.encode("utf-8") for s in strings], table, known, tokenizer, trained)
 
     # matched on the raw text, before any normalizer, so the string is found exactly as given
     tokenizer.add_tokens([AddedToken(s, normalized=False, special=False) for s in strings])
@@ -229,17 +231,20 @@ def true_ranks(rows, table, ids, chunk=1024):
 
 def compare():
     data = load_data(model)
-    checkpoint = load_checkpoint(out_dir, data_identity(data))
+    source = load_checkpoint(out_dir, data_identity(data), checkpoint)
     table, held = data.table, data.val_ids
     if len(held) == 0:
         raise UserError(f"the data in {data.folder} has no held-out tokens; prepare it with val_fraction above 0")
+    # the soft rows are the very rows test_mistral.py splices: evaluate.py's prediction of this checkpoint
+    predicted, made_from = read_predicted_table(out_dir, source)
     texts = scoring_texts(text_file)
     lm, tokenizer = load_lm(model, device=pick_device(device))
-    tokens, _ = token_bytes(tokenizer)
-    known = ~torch.tensor(["untrained" in t["flags"] for t in data.meta["tokens"]])
+    check_lm_table(lm.get_input_embeddings().weight, data, model)
+    known = ~untrained_rows(table)
     known[held] = False
-    rows = {"true": table[held]}
-    rows.update({name: new_rows(name, [tokens[i][0] for i in held], table, known, tokenizer, checkpoint) for name in METHODS})
+    spelled = [bytes.fromhex(data.meta["tokens"][i]["bytes"]) for i in held.tolist()]
+    rows = {"true": table[held], **{name: new_rows(name, spelled, table, known, tokenizer, None) for name in ("mean", "fvt")},
+            "soft": predicted[held]}
 
     scores = {}
     for name, filled in rows.items():
@@ -249,25 +254,26 @@ def compare():
                         "hit1": (ranks == 1).float().mean().item(), "ppl_input": {}, "ppl_tied": {}}
 
     text_ids = {name: tokenizer(text, return_tensors="pt")["input_ids"][0][:eval_tokens] for name, text in texts.items()}
-    embed, head = lm.get_input_embeddings(), lm.get_output_embeddings()
-    # a tied model gets a head of its own, so filling the input rows leaves the output side as
-    # trained; the "tied" columns then fill the head's rows too, as a tied model would after add
-    tied = untie_head(lm)
-    true_in, true_out = embed.weight[held].clone(), head.weight[held].clone()
+    # splice_rows gives a tied model a head of its own, so filling the input rows leaves the output
+    # side as trained; the "tied" columns then fill the head's rows too, as a tied model would after add
+    tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
     for name in tqdm(rows, desc="perplexity", leave=False):
+        true_in = splice_rows(lm, rows[name], held)
+        head = lm.get_output_embeddings().weight
+        true_out = head[held].clone()
         with torch.no_grad():
             for text, ids in text_ids.items():
-                embed.weight[held] = rows[name].to(embed.weight)
                 scores[name]["ppl_input"][text] = perplexity(lm, ids, context)
                 if tied:
-                    head.weight[held] = rows[name].to(head.weight)
+                    head[held] = rows[name].to(head)
                     scores[name]["ppl_tied"][text] = perplexity(lm, ids, context)
-                embed.weight[held], head.weight[held] = true_in, true_out
+                    head[held] = true_out
+        splice_rows(lm, true_in, held)
 
     labels = {"true": "true rows (the LM's own)", "mean": "mean of trained rows", "fvt": "fvt (mean of the pieces' rows)",
               "soft": "soft (byte encoder)"}
-    print(f"\n{data.meta['model']}: the {len(held)} held-out tokens of {data.folder} as new tokens, soft rows from "
-          f"{out_dir}/ckpt.pt (iteration {checkpoint['iter_num']}); perplexity on " +
+    print(f"\n{data.meta['model']}: the {len(held)} held-out tokens of {data.folder} as new tokens, soft rows predicted from "
+          f"{made_from['checkpoint']} (iteration {made_from['iter_num']}); perplexity on " +
           "; ".join(f"{len(ids)} tokens of {text} ({int(torch.isin(ids, held).sum())} held-out)" for text, ids in text_ids.items()) + "\n")
     columns = ["rows of the held-out tokens", "cosine to true row", "rank of true token (median)", "rank (mean)", "hit@1"]
     columns += [f"perplexity on {text}, input rows filled" for text in text_ids]

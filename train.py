@@ -19,58 +19,63 @@ from tqdm import tqdm
 
 from configurator import UserError, check, configure, pick_device
 from metrics import closeness, top1_hits
-from model import PAD, ByteEncoder, ByteEncoderConfig, LossConfig
-from schedule import batch_order, counts_with_rank_prior, get_lr
-from storage import claim_out_dir, data_identity, load_checkpoint, load_data, save_checkpoint
+from model import PAD, ByteEncoder, ByteEncoderConfig, LossConfig, hub_ids, softmax_negative_ids, trim_padding
+from schedule import batch_order, budget_used, counts_with_rank_prior, get_lr
+from storage import STAGE_FILES, claim_out_dir, data_identity, load_checkpoint, load_data, save_checkpoint
 
 # -----------------------------------------------------------------------------
-# defaults: the prototype's Mistral-7B recipe; config/*.py files override them
-model = "mistralai/Mistral-7B-v0.1"  # whose table: data/<name>/ from prepare_mistral_data.py
-out_dir = "out-mistral"
+# defaults: the CPU demo's recipe on the embedded SmolLM2-135M (`make demo`, README's figures);
+# config/*.py files override them (config/mistral_gpu.py: Mistral-7B on a GPU)
+model = "smollm2"  # whose table: data/<name>/ from prepare_mistral_data.py
+out_dir = "out-smollm2"  # ckpt.pt is written here
 init_from = "scratch"  # or "resume" from out_dir/ckpt.pt
-always_save_checkpoint = True  # False: save only when the held-out tokens' val/cosine beats every earlier eval's (new tokens are held-out tokens)
-eval_interval = 500
-eval_interval_seconds = 0.0  # if > 0, also evaluate each time this much more training time has passed
-eval_tokens = 2048  # tokens sampled from each split for the periodic eval
+# False: save only when the selection tokens' select/cosine beats every earlier eval's; they are
+# never trained on and are not the held-out tokens, which stay the new-token test
+always_save_checkpoint = False
+eval_interval = 0  # iterations between evals; 0: none by iterations
+eval_interval_seconds = 60.0  # training seconds between evals; 0: none by time (there is always one at the end)
+eval_sample = 2048  # tokens sampled from each split for the periodic eval
 log_file = ""  # if set, each eval appends a JSON line here (bench.py reads it)
 seed = 1337
-# encoder
-n_layer = 4
-n_head = 8
-n_embd = 512
-head_hidden = 2048
+# encoder: one layer, since with the n-gram table doing the memorising a second costs more steps than it gives
+n_layer = 1
+n_head = 4
+n_embd = 256
+head_hidden = 1024
 dropout = 0.0
 bias = True
-ngram_max = 0  # hashed byte n-grams of 2..ngram_max symbols added at each position (model.py); 0: none
+ngram_max = 4  # hashed byte n-grams of 2..ngram_max symbols added at each position (model.py); 0: none
 ngram_buckets = 2**18
-ngram_lr_scale = 1.0  # the n-gram table's learning rate over learning_rate: each of its rows is seen a few times an epoch
+ngram_lr_scale = 30.0  # the n-gram table's learning rate over learning_rate: each of its rows is seen a few times an epoch
 # batches
-batch_size = 64
-gradient_accumulation_steps = 40
+batch_size = 256
+gradient_accumulation_steps = 1
 trim_batches = True  # cut each batch to its longest token instead of the full block
 bucket_by_length = True  # batch tokens of similar length together, so little padding is left
 # loss (model.embedding_loss): weighted sum of L1, MSE and a softmax over table rows
-l1_weight = 1.0
-mse_weight = 1.0
-softmax_weight = 0.0
-softmax_negatives = 0  # 0: all V rows; else this many rows sampled per step plus the batch's own
-softmax_hub_negatives = 0  # with sampled negatives, also always the rows with the largest dot product with the mean row
-softmax_temperature = 1.0
+l1_weight = 0.0
+mse_weight = 100.0  # train_e2e.py's MSE anchor has this weight too
+softmax_weight = 1.0
+softmax_negatives = 4096  # 0: all V rows; else this many rows sampled per step plus the batch's own
+softmax_hub_negatives = 256  # with sampled negatives, also always the rows with the largest dot product with the mean row
+softmax_temperature = 0.2
 softmax_min_count = 0  # the softmax term only for tokens the training text uses at least this often; the rest get L1/MSE alone
-fisher_weight = 0.0  # weight of (pred - true)^T F (pred - true) / D; needs prepare_mistral_data.py --fisher_tokens=N
 token_weight_power = 0.0  # each token's loss is weighted by (1 + its count in the training text) ** this
-sample_power = 0.0  # tokens are drawn into batches with probability proportional to (1 + count) ** this; 0: each once an epoch
-rank_prior_tokens = 0.0  # pseudo-counts added to those counts by token id (schedule.counts_with_rank_prior)
-# optimizer: AdamW with linear warmup and cosine decay to min_lr
-learning_rate = 6e-4
-max_iters = 10000
-max_seconds = 0.0  # if > 0, stop after this much training time and decay lr over it instead of max_iters
+# the spliced LM reads the tokens text uses: draw them in proportion to (1 + count) ** this; 0: each once an epoch
+sample_power = 1.0
+# pseudo-counts added to those counts by token id (schedule.counts_with_rank_prior), so tokens
+# common in chat but absent from the docstrings (" France") come up too
+rank_prior_tokens = 1e5
+# optimizer: AdamW with linear warmup and cosine decay to min_lr over the one budget
+learning_rate = 1e-3
+max_iters = 0  # the budget in iterations; 0: max_seconds is the budget
+max_seconds = 300.0  # the budget in seconds of training, when max_iters is 0
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
-warmup_iters = 100
-min_lr = 6e-5
+warmup_iters = 50
+min_lr = 1e-4
 # system
 device = "auto"  # auto: cuda, then mps, then cpu
 compile = True  # torch.compile on CUDA only
@@ -78,17 +83,18 @@ compile = True  # torch.compile on CUDA only
 configure(globals())
 config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 # every number is range-checked before any work, each with one sentence naming it
-for key in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_tokens", "n_layer", "n_head",
-            "n_embd", "head_hidden", "ngram_buckets"):
+for key in ("batch_size", "gradient_accumulation_steps", "eval_sample", "n_layer", "n_head", "n_embd", "head_hidden", "ngram_buckets"):
     check(config, key, 1)
-for key in ("ngram_max", "ngram_lr_scale", "warmup_iters", "softmax_negatives", "softmax_hub_negatives", "softmax_min_count",
-            "l1_weight", "mse_weight", "softmax_weight", "fisher_weight", "token_weight_power", "sample_power", "rank_prior_tokens", "weight_decay",
+for key in ("max_iters", "eval_interval", "ngram_max", "ngram_lr_scale", "warmup_iters", "softmax_negatives", "softmax_hub_negatives", "softmax_min_count",
+            "l1_weight", "mse_weight", "softmax_weight", "token_weight_power", "sample_power", "rank_prior_tokens", "weight_decay",
             "grad_clip", "max_seconds", "eval_interval_seconds", "min_lr"):
     check(config, key, 0)
 for key in ("learning_rate", "softmax_temperature"):
     check(config, key, 0, low_open=True)
 for key in ("beta1", "beta2", "dropout"):
     check(config, key, 0, 1, high_open=True)
+if max_iters == 0 and max_seconds == 0:
+    raise UserError("max_iters=0 and max_seconds=0 leave the run without a budget; set one of them")
 if n_embd % n_head:
     raise UserError(f"n_head={n_head} does not divide n_embd={n_embd}; pick n_embd a multiple of n_head")
 if init_from not in ("scratch", "resume"):
@@ -116,11 +122,11 @@ autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda"
 # the whole dataset is a few hundred MB at most: keep it on the device
 data = load_data(model)
 input_ids, table = data.input_ids.to(dev), data.table.to(dev)
-train_ids, val_ids = data.train_ids.to(dev), data.val_ids.to(dev)
+train_ids = data.train_ids.to(dev)
 lengths = (input_ids != PAD).sum(1)
 
 if init_from == "resume":
-    checkpoint = load_checkpoint(out_dir, data_identity(data))
+    checkpoint = load_checkpoint(out_dir, data_identity(data), "regression")
     model_args = checkpoint["model_args"]
 else:
     checkpoint = None
@@ -129,10 +135,7 @@ else:
                       ngram_max=ngram_max, ngram_buckets=ngram_buckets)
 encoder = ByteEncoder(ByteEncoderConfig(**model_args)).to(dev)
 optimizers = encoder.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-loss_config = LossConfig(l1_weight, mse_weight, softmax_weight, softmax_temperature, fisher_weight)
-if fisher_weight and data.fisher is None:
-    raise UserError(f"fisher_weight={fisher_weight} needs {data.folder}/fisher.npy; run: python prepare_mistral_data.py --model={model} --fisher_tokens=2048")
-fisher = data.fisher.to(dev) if fisher_weight else None
+loss_config = LossConfig(l1_weight, mse_weight, softmax_weight, softmax_temperature)
 # the mean weight over the trained tokens is 1, so the loss keeps its scale
 counts = counts_with_rank_prior(data.text_counts, rank_prior_tokens)
 token_weights = (1.0 + counts) ** token_weight_power
@@ -157,28 +160,23 @@ if compile and device_type == "cuda":
 if ddp:
     encoder = DDP(encoder, device_ids=[local_rank] if device_type == "cuda" else None)
 if master:
-    print(f"{data.meta['model']}: {len(train_ids)} train / {len(val_ids)} held-out tokens, table {data.meta['vocab_size']}x{data.meta['dim']}; "
+    print(f"{data.meta['model']}: {len(train_ids)} train / {len(data.select_ids)} selection / {len(data.val_ids)} held-out tokens, table {data.meta['vocab_size']}x{data.meta['dim']}; "
           f"encoder {raw_encoder.num_params() / 1e6:.2f}M params on {dev}" + (f" x{world}" if ddp else ""))
 
 # on a table whose rows share a large common direction (tied SmolLM2), a handful of rows
 # that point along it win the dot product against most predictions: keep them in every softmax
 if softmax_hub_negatives > len(table):
     raise UserError(f"softmax_hub_negatives={softmax_hub_negatives} must be between 0 and the table's {len(table)} rows")
-hubs = (table @ table.mean(0)).topk(softmax_hub_negatives).indices
+hubs = hub_ids(table, softmax_hub_negatives)
 
 
 def loss_inputs(ids, rng):
-    """What the loss needs beside the true rows: token weights, the Fisher matrix, and the softmax
-    term's negatives: sampled rows (and the hubs) stand in for the rest of the table, or the
-    whole table is there."""
-    inputs = {"weights": token_weights[ids] if token_weight_power else None, "fisher": fisher}
+    """What the loss needs beside the true rows: token weights and the softmax term's negatives
+    (model.softmax_negative_ids)."""
+    inputs = {"weights": token_weights[ids] if token_weight_power else None}
     if not softmax_weight:
         return inputs
-    if softmax_negatives == 0:
-        others = torch.arange(len(table), device=dev)
-    else:
-        sampled = torch.randint(0, len(table), (softmax_negatives,), generator=rng).to(dev)
-        others = torch.cat([hubs, sampled])
+    others = softmax_negative_ids(len(table), softmax_negatives, hubs, rng)
     return {**inputs, "ids": ids, "negatives": table[others], "negative_ids": others,
             "softmax_weights": softmax_weights[ids] if softmax_min_count else None}
 
@@ -186,9 +184,9 @@ def loss_inputs(ids, rng):
 # periodic eval: a fixed sample of each split, and the rows the training text uses most,
 # weighted by how often it uses them: that last number tracks the spliced LM
 eval_rng = torch.Generator().manual_seed(seed)
-eval_sets = {"train": (train_ids.cpu()[torch.randperm(len(train_ids), generator=eval_rng)[:eval_tokens]].to(dev), None),
-             "val": (val_ids.cpu()[torch.randperm(len(val_ids), generator=eval_rng)[:eval_tokens]].to(dev), None)}
-text_top = data.text_counts.argsort(descending=True)[:eval_tokens]
+eval_sets = {split: (ids[torch.randperm(len(ids), generator=eval_rng)[:eval_sample]].to(dev), None)
+             for split, ids in (("train", data.train_ids), ("select", data.select_ids), ("val", data.val_ids))}
+text_top = data.text_counts.argsort(descending=True)[:eval_sample]
 text_top = text_top[data.text_counts[text_top] > 0]
 eval_sets["text"] = (text_top.to(dev), data.text_counts[text_top].to(dev))
 mean_row = table[train_ids].mean(0)
@@ -201,7 +199,7 @@ def evaluate():
     for split, (ids, weights) in eval_sets.items():
         if len(ids) == 0:
             continue
-        pred = torch.cat([raw_encoder(input_ids[chunk][:, :int(lengths[chunk].max())])[0].float() for chunk in ids.split(512)])
+        pred = raw_encoder.predict(input_ids[ids], batch_size=512).to(dev)
         for name, value in closeness(pred, table[ids], mean_row, weights).items():
             stats[f"{split}/{name}"] = value
         if weights is None:
@@ -231,15 +229,11 @@ def save(stats):
         raise diverged("its eval numbers are not finite")
     if not all(torch.isfinite(p).all() for p in raw_encoder.parameters()):
         raise diverged("its weights are not finite")
-    save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
-        "model": raw_encoder.state_dict(), "optimizer": [o.state_dict() for o in optimizers], "model_args": model_args, "config": config,
+    save_checkpoint(os.path.join(out_dir, STAGE_FILES["regression"]), {
+        "stage": "regression", "model": raw_encoder.state_dict(), "optimizer": [o.state_dict() for o in optimizers], "model_args": model_args, "config": config,
         "data": data_identity(data), "iter_num": iter_num, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
         "train_seconds": train_seconds, "samples_total": samples_total, "negatives_rng": negatives_rng.get_state(),
         "best_val": best_val})
-
-
-def budget_used():
-    return train_seconds / max_seconds if max_seconds > 0 else iter_num / max_iters
 
 
 def epoch_batches():
@@ -255,7 +249,7 @@ if master:
     if init_from == "scratch" and os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
         print(f"note: {out_dir}/ckpt.pt is from an earlier run; this run starts from scratch and its first save replaces it "
               f"(Ctrl-C now and use --init_from=resume or another --out_dir to keep it)")
-bar = tqdm(total=100, initial=round(100 * budget_used()), unit="%", disable=not master, dynamic_ncols=True)
+bar = tqdm(total=100, initial=round(100 * budget_used(iter_num, train_seconds, max_iters, max_seconds)), unit="%", disable=not master, dynamic_ncols=True)
 start_iter = iter_num
 batches = epoch_batches()
 samples_in_window, window_start = 0, time.time()
@@ -263,8 +257,8 @@ next_timed_eval = eval_interval_seconds * (1 + int(train_seconds // eval_interva
 raw_encoder.train()
 try:
     while True:
-        out_of_budget = budget_used() >= 1.0 or iter_num >= max_iters
-        if ddp and max_seconds > 0:
+        out_of_budget = budget_used(iter_num, train_seconds, max_iters, max_seconds) >= 1.0
+        if ddp and max_iters == 0:
             # clocks differ between processes: rank 0's decides, or one would wait forever
             flag = torch.tensor([float(out_of_budget)], device=dev)
             torch.distributed.broadcast(flag, 0)
@@ -273,23 +267,24 @@ try:
         # every so often: evaluate, log, save
         timed_eval = eval_interval_seconds > 0 and train_seconds >= next_timed_eval
         resumed_here = init_from == "resume" and iter_num == start_iter  # that eval is in the log already
-        if master and (iter_num % eval_interval == 0 or timed_eval or out_of_budget) and not resumed_here:
+        counted_eval = eval_interval > 0 and iter_num % eval_interval == 0
+        if master and (iter_num == 0 or counted_eval or timed_eval or out_of_budget) and not resumed_here:
             while timed_eval and next_timed_eval <= train_seconds:
                 next_timed_eval += eval_interval_seconds
             stats = evaluate()
             log_eval(stats)
-            held_out = stats.get("val/cosine")  # None: no held-out tokens, nothing to choose by
+            selection = stats.get("select/cosine")  # None: no selection tokens, nothing to choose by
             # a NaN is not skipped: save() sees it and stops the run
-            if iter_num > start_iter and (always_save_checkpoint or held_out is None or not held_out <= best_val):
-                best_val = best_val if held_out is None else max(best_val, held_out)
+            if iter_num > start_iter and (always_save_checkpoint or selection is None or not selection <= best_val):
+                best_val = best_val if selection is None else max(best_val, selection)
                 save(stats)
             elif iter_num > start_iter:
-                tqdm.write(f"not saved: val/cosine {held_out:.4f} is not above the best so far, {best_val:.4f}")
+                tqdm.write(f"not saved: select/cosine {selection:.4f} is not above the best so far, {best_val:.4f}")
         if out_of_budget:
             break
 
         step_start = time.time()
-        lr = get_lr(iter_num, budget_used(), warmup_iters, learning_rate, min_lr)
+        lr = get_lr(iter_num, budget_used(iter_num, train_seconds, max_iters, max_seconds), warmup_iters, learning_rate, min_lr)
         for optimizer, scale in zip(optimizers, (1.0, ngram_lr_scale)):
             for group in optimizer.param_groups:
                 group["lr"] = lr * scale
@@ -302,11 +297,10 @@ try:
         loss_sum = 0.0
         for micro, ids in enumerate(micro_batches):
             ids = ids[rank::world]
-            width = int(lengths[ids].max()) if trim_batches else input_ids.shape[1]
             # gradients are averaged over processes once, after the last micro-batch
             no_sync = encoder.no_sync() if ddp and micro < len(micro_batches) - 1 else nullcontext()
             with no_sync, autocast:
-                _, loss = encoder(input_ids[ids][:, :width], table[ids], loss_config, **loss_inputs(ids, negatives_rng))
+                _, loss = encoder(trim_padding(input_ids[ids]) if trim_batches else input_ids[ids], table[ids], loss_config, **loss_inputs(ids, negatives_rng))
                 loss = loss / len(micro_batches)
             loss.backward()
             loss_sum += loss.item()
@@ -325,7 +319,7 @@ try:
         samples_in_window += len(big_batch)
         samples_total += len(big_batch)
         if master:
-            bar.update(round(100 * budget_used()) - bar.n)
+            bar.update(round(100 * budget_used(iter_num, train_seconds, max_iters, max_seconds)) - bar.n)
             if iter_num % 10 == 0:
                 rate = samples_in_window / (time.time() - window_start)
                 bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.1e}", samples_s=f"{rate:.0f}")

@@ -1,32 +1,67 @@
 """
 train_e2e.py, the second stage through the frozen LM, as a user runs it on the tiny Mistral:
 it lowers the KL divergence between the LM's next-token distributions with its own rows and
-with the encoder's, leaves the LM's files as they were, never predicts a held-out token's row
-in a window, and writes a checkpoint that the other scripts still accept.
+with the encoder's, writes e2e.pt and never touches train.py's ckpt.pt or the LM, saves as it
+goes and resumes, refuses to stack on itself, and never predicts a held-out token's row in a
+window. The loss itself (e2e.py) is checked in-process.
 """
 import json
+import os
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from e2e import e2e_loss
 from lm import load_tokenizer, training_text
 from model import PAD
 from storage import data_identity, load_checkpoint, load_data, load_encoder
-from helpers import ONE_THREAD, TINY_TRAIN, fails_with, files_under, run_script, succeeds
+from helpers import ONE_THREAD, REPO, TINY_TRAIN, fails_with, files_under, run_script, succeeds
+
+E2E = ["--e2e_context=64", "--mse_weight=0"]
+
+# `python -c` program: train_e2e.py as a user runs it, interrupted (as by Ctrl-C) in its third step
+INTERRUPTED = """
+import runpy, sys
+sys.path.insert(0, {repo!r})
+import e2e
+loss, calls = e2e.e2e_loss, []
+def interrupt_in_the_third_step(*args):
+    calls.append(1)
+    if len(calls) == 3:
+        raise KeyboardInterrupt
+    return loss(*args)
+e2e.e2e_loss = interrupt_in_the_third_step
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def e2e_run(model_folder, out_dir, *args, cwd, launcher=None):
+    if launcher is None:
+        return run_script("train_e2e.py", f"--model={model_folder}", f"--out_dir={out_dir}", *E2E, *args, cwd=cwd, env=ONE_THREAD)
+    return subprocess.run([sys.executable, "-c", launcher, str(REPO / "train_e2e.py"), f"--model={model_folder}", f"--out_dir={out_dir}",
+                           *E2E, *args], cwd=cwd, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
+
+
+def windows_of_the_training_text(model_folder, windows=4, context=64):
+    ids = load_tokenizer(model_folder)(training_text(), add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids[:windows * context]).view(windows, context)
 
 
 @torch.no_grad()
-def kl_on_the_first_windows(model_folder, out_dir, windows=4, context=64):
+def kl_on_the_first_windows(model_folder, out_dir):
     """The stage's own measure, computed here: mean KL(LM with its rows || LM with predicted rows)."""
     data = load_data(str(model_folder))
     encoder = load_encoder(load_checkpoint(str(out_dir), data_identity(data)), "cpu").eval()
     lm = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).eval()
-    ids = load_tokenizer(model_folder)(training_text(), add_special_tokens=False)["input_ids"]
-    batch = torch.tensor(ids[:windows * context]).view(windows, context)
+    batch = windows_of_the_training_text(model_folder)
     tokens, where = batch.unique(return_inverse=True)
     spelled = data.input_ids[tokens]
     rows, _ = encoder(spelled[:, :int((spelled != PAD).sum(1).max())])
@@ -35,27 +70,122 @@ def kl_on_the_first_windows(model_folder, out_dir, windows=4, context=64):
     return F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean().item()
 
 
-def test_e2e_lowers_the_kl_and_keeps_the_lm(tiny_mistral, trained_mistral, workdir, tmp_path, monkeypatch):
+def e2e_record(out_dir):
+    return torch.load(out_dir / "e2e.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture
+def out_dir(trained_mistral, tmp_path):
+    """A copy of the tiny Mistral's regression out_dir, for one e2e stage."""
     out_dir = tmp_path / "out-e2e"
     out_dir.mkdir()
     shutil.copy(trained_mistral.out_dir / "ckpt.pt", out_dir / "ckpt.pt")
+    return out_dir
+
+
+def test_e2e_lowers_the_kl_writes_its_own_checkpoint_and_keeps_the_lm(tiny_mistral, workdir, out_dir, monkeypatch):
     monkeypatch.chdir(workdir)  # data/<name>/ is found from there, as the scripts find it
     before = kl_on_the_first_windows(tiny_mistral.folder, out_dir)
-    lm_files = files_under(tiny_mistral.folder)
+    lm_files, regression = files_under(tiny_mistral.folder), (out_dir / "ckpt.pt").read_bytes()
     # the KL alone (no MSE anchor), so the loss is exactly the measure; a random tiny LM barely
     # depends on its input rows, so the KL is small and falls slowly (measured: by about 30%)
-    proc = succeeds(run_script("train_e2e.py", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", "--e2e_seconds=20",
-                               "--e2e_context=64", "--e2e_learning_rate=3e-3", "--mse_weight=0", cwd=workdir, env=ONE_THREAD))
-    after = kl_on_the_first_windows(tiny_mistral.folder, out_dir)
+    proc = succeeds(e2e_run(tiny_mistral.folder, out_dir, "--e2e_seconds=20", "--e2e_learning_rate=3e-3", cwd=workdir))
+    after = kl_on_the_first_windows(tiny_mistral.folder, out_dir)  # the last stage: e2e.pt
     assert after < 0.85 * before, (before, after)
-    checkpoint = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)
-    assert checkpoint["e2e"]["steps"] > 0 and f"{checkpoint['e2e']['steps']} steps in" in proc.stdout
+    record = e2e_record(out_dir)
+    assert record["stage"] == "e2e" and record["e2e"]["steps"] > 0 and f"{record['e2e']['steps']} steps in" in proc.stdout
+    assert record["e2e"]["parent"] == torch.load(out_dir / "ckpt.pt", weights_only=True)["id"] != record["id"]
+    assert (out_dir / "ckpt.pt").read_bytes() == regression  # the regression stage's checkpoint survives
     assert files_under(tiny_mistral.folder) == lm_files
+
+
+def test_e2e_refuses_to_stack_on_itself_and_resumes_when_asked(tiny_mistral, workdir, out_dir):
+    succeeds(e2e_run(tiny_mistral.folder, out_dir, "--e2e_seconds=2", cwd=workdir))
+    first = e2e_record(out_dir)
+    before = files_under(out_dir)
+    fails_with(e2e_run(tiny_mistral.folder, out_dir, "--e2e_seconds=2", cwd=workdir), "already holds an e2e stage", "--e2e_init_from=resume")
+    fails_with(e2e_run(tiny_mistral.folder, out_dir, "--e2e_seconds=2", "--e2e_init_from=resume", cwd=workdir), "a larger --e2e_seconds")
+    assert files_under(out_dir) == before
+    succeeds(e2e_run(tiny_mistral.folder, out_dir, "--e2e_seconds=4", "--e2e_init_from=resume", cwd=workdir))
+    second = e2e_record(out_dir)
+    assert second["e2e"]["steps"] > first["e2e"]["steps"] and second["e2e"]["seconds"] >= 4
+    assert second["e2e"]["parent"] == first["e2e"]["parent"]
+
+
+def test_ctrl_c_saves_the_stage_and_resume_continues_it(tiny_mistral, workdir, out_dir):
+    proc = e2e_run(tiny_mistral.folder, out_dir, "--e2e_seconds=60", cwd=workdir, launcher=INTERRUPTED.format(repo=str(REPO)))
+    fails_with(proc, "interrupted at step 2", "e2e.pt", "--e2e_init_from=resume")
+    assert e2e_record(out_dir)["e2e"]["steps"] == 2
+    proc = succeeds(e2e_run(tiny_mistral.folder, out_dir, "--e2e_seconds=3", "--e2e_init_from=resume", cwd=workdir))
+    assert "resuming" in proc.stdout and e2e_record(out_dir)["e2e"]["steps"] > 2
+
+
+def test_a_new_regression_checkpoint_makes_the_e2e_stage_stale(tiny_mistral, workdir, out_dir):
+    """train.py run again: the e2e.pt in out_dir was trained from other weights. evaluate.py
+    refuses it, and train_e2e.py replaces it, saying so."""
+    succeeds(e2e_run(tiny_mistral.folder, out_dir, "--e2e_seconds=1", cwd=workdir))
+    succeeds(run_script("train.py", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", *TINY_TRAIN, "--max_iters=2",
+                        "--eval_interval=2", cwd=workdir, env=ONE_THREAD))
+    fails_with(run_script("evaluate.py", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", cwd=workdir),
+               "e2e.pt was trained from an earlier", "--checkpoint=regression")
+    succeeds(run_script("evaluate.py", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", "--checkpoint=regression", cwd=workdir))
+    proc = succeeds(e2e_run(tiny_mistral.folder, out_dir, "--e2e_seconds=1", cwd=workdir))
+    assert "was trained from an earlier ckpt.pt" in proc.stdout
+    assert e2e_record(out_dir)["e2e"]["parent"] == torch.load(out_dir / "ckpt.pt", weights_only=True)["id"]
 
 
 def test_e2e_without_a_checkpoint_is_one_sentence(tiny_mistral, prepared_mistral, workdir, tmp_path):
     fails_with(run_script("train_e2e.py", f"--model={tiny_mistral.folder}", f"--out_dir={tmp_path / 'none'}", cwd=workdir),
                "no checkpoint")
+
+
+class TrueRows(nn.Module):
+    """An 'encoder' that answers every token with its true row: what a perfect one would do."""
+    def __init__(self, input_ids, table):
+        super().__init__()
+        self.rows = {tuple(r[r != PAD].tolist()): i for i, r in enumerate(input_ids)}
+        self.table = table
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, idx):
+        ids = [self.rows[tuple(r[r != PAD].tolist())] for r in idx]
+        return self.scale * self.table[ids], None
+
+
+@pytest.fixture(scope="module")
+def in_process(tiny_mistral, trained_mistral, workdir):
+    here = os.getcwd()
+    os.chdir(workdir)
+    try:
+        data = load_data(str(tiny_mistral.folder))
+    finally:
+        os.chdir(here)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_mistral.folder, dtype=torch.float32).eval().requires_grad_(False)
+    return SimpleNamespace(data=data, lm=lm, windows=windows_of_the_training_text(tiny_mistral.folder),
+                           encoder=load_encoder(torch.load(trained_mistral.out_dir / "ckpt.pt", weights_only=True)).train())
+
+
+def test_e2e_loss_of_the_true_rows_is_zero(in_process):
+    data = in_process.data
+    encoder = TrueRows(data.input_ids, data.table)
+    anchors = data.train_ids[:64]
+    loss, kl, mse = e2e_loss(encoder, in_process.lm, in_process.windows, data.input_ids, data.table,
+                             torch.zeros(len(data.table), dtype=torch.bool), anchors, 100.0)
+    assert kl.item() < 1e-6 and mse.item() == 0.0 and loss.item() < 1e-6
+
+
+def test_e2e_loss_trains_the_encoder_only_and_frozen_tokens_read_their_own_rows(in_process):
+    data, lm = in_process.data, in_process.lm
+    encoder = in_process.encoder
+    none_frozen = torch.zeros(len(data.table), dtype=torch.bool)
+    loss, kl, _ = e2e_loss(encoder, lm, in_process.windows, data.input_ids, data.table, none_frozen, data.train_ids[:64], 1.0)
+    loss.backward()
+    assert kl.item() > 1e-4
+    assert all(p.grad is None for p in lm.parameters()) and encoder.head[-1].weight.grad.abs().sum() > 0
+    encoder.zero_grad(set_to_none=True)
+    # every token of the windows frozen: the LM reads its own rows and the KL is exactly zero
+    _, kl, _ = e2e_loss(encoder, lm, in_process.windows, data.input_ids, data.table, ~none_frozen, data.train_ids[:0], 1.0)
+    assert kl.item() < 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +195,8 @@ def mostly_held_out(tiny_mistral, workdir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "mostly-held-out"
     shutil.copytree(tiny_mistral.folder, folder)
     out_dir = folder.parent / "out-held-out"
-    succeeds(run_script("prepare_mistral_data.py", f"--model={folder}", "--val_fraction=0.9995", "--seed=37", cwd=workdir))
+    succeeds(run_script("prepare_mistral_data.py", f"--model={folder}", "--val_fraction=0.9995", "--select_fraction=0",
+                        "--split_seed=37", cwd=workdir))
     succeeds(run_script("train.py", f"--model={folder}", f"--out_dir={out_dir}", *TINY_TRAIN, "--max_iters=2",
                         "--eval_interval=2", cwd=workdir, env=ONE_THREAD))
     return SimpleNamespace(folder=folder, out_dir=out_dir)
@@ -80,10 +211,10 @@ def test_held_out_tokens_keep_their_own_rows_in_the_windows(mostly_held_out, wor
     data = load_data(str(folder))
     text_tokens = set(load_tokenizer(folder)(training_text(), add_special_tokens=False)["input_ids"])
     assert not text_tokens & set(data.train_ids.tolist()) and len(text_tokens & set(data.val_ids.tolist())) > 1000
-    succeeds(run_script("train_e2e.py", f"--model={folder}", f"--out_dir={out_dir}", "--e2e_seconds=3", "--e2e_context=64",
-                        "--mse_weight=0", cwd=workdir, env=ONE_THREAD))
-    checkpoint = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)
-    assert checkpoint["e2e"]["steps"] > 0 and checkpoint["e2e"]["last_kl"] < 1e-6, checkpoint["e2e"]
+    (out_dir / "e2e.pt").unlink(missing_ok=True)
+    succeeds(e2e_run(folder, out_dir, "--e2e_seconds=3", cwd=workdir))
+    record = e2e_record(out_dir)
+    assert record["e2e"]["steps"] > 0 and record["e2e"]["last_kl"] < 1e-6, record["e2e"]
 
 
 def test_a_chat_template_that_cannot_render_the_turns_is_one_sentence(mostly_held_out, workdir):
@@ -92,6 +223,7 @@ def test_a_chat_template_that_cannot_render_the_turns_is_one_sentence(mostly_hel
     config_file = mostly_held_out.folder / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
     config_file.write_text(json.dumps({**config, "chat_template": "{{ raise_exception('only user turns') }}"}))
+    (mostly_held_out.out_dir / "e2e.pt").unlink(missing_ok=True)
     try:
         proc = run_script("train_e2e.py", f"--model={mostly_held_out.folder}", f"--out_dir={mostly_held_out.out_dir}",
                           "--e2e_seconds=1", cwd=workdir, env=ONE_THREAD)

@@ -100,9 +100,10 @@ def test_unwritable_out_dir_fails_before_the_work(tiny_mistral, prepared_mistral
 
 @pytest.mark.parametrize("setting, words", [
     ("--batch_size=0", "batch_size=0 is out of range"),
-    ("--max_iters=0", "max_iters=0 is out of range"),
-    ("--eval_interval=0", "eval_interval=0"),
-    ("--eval_tokens=0", "eval_tokens=0"),
+    ("--max_iters=-1", "max_iters=-1 is out of range"),
+    ("--max_seconds=0", "without a budget"),
+    ("--eval_interval=-1", "eval_interval=-1"),
+    ("--eval_sample=0", "eval_sample=0"),
     ("--learning_rate=nan", "learning_rate=nan"),
     ("--n_head=3", "n_head=3 does not divide n_embd=32"),
     ("--device=cuda", "no CUDA GPU"),

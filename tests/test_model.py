@@ -1,20 +1,27 @@
 """
-The encoder must not care how much padding follows a token: batches are trimmed to their
-longest token in training but padded to the full block elsewhere.
+The encoder's promises, in-process: it does not care how much padding follows a token
+(batches are trimmed to their longest token in training but padded to the full block
+elsewhere), with or without the hashed n-grams of the default recipe; no n-gram vector ever
+stands for a whole token; the softmax term's hub negatives are the rows along the mean row.
 """
 import pytest
 import torch
 
-from model import PAD, ByteEncoder, ByteEncoderConfig
+from model import END, PAD, START, ByteEncoder, ByteEncoderConfig, hub_ids, ngram_ids, softmax_negative_ids, trim_padding
 from spelling import encode_bytes
 
 WORDS = ["A", " the", "é", " Hello", "🤖", "def", "\n", " internationalization", "東京"]
 
 
-@pytest.fixture(scope="module")
-def encoder():
+@pytest.fixture(scope="module", params=[0, 4], ids=["no-ngrams", "ngrams-4"])
+def encoder(request):
     torch.manual_seed(0)
-    return ByteEncoder(ByteEncoderConfig(block_size=64, n_layer=2, n_head=4, n_embd=64, n_out=48, head_hidden=96)).eval()
+    encoder = ByteEncoder(ByteEncoderConfig(block_size=64, n_layer=2, n_head=4, n_embd=64, n_out=48, head_hidden=96,
+                                            ngram_max=request.param, ngram_buckets=4096)).eval()
+    if request.param:
+        with torch.no_grad():  # trained n-gram rows are far from zero: make them count here
+            encoder.ngram.weight[:-1] = torch.randn(4096, 64)
+    return encoder
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +48,7 @@ def test_what_pad_positions_carry_cannot_reach_the_output(encoder, tokens):
     padded = torch.full((len(tokens), 64), PAD)
     padded[:, :tokens.shape[1]] = tokens
     before = encoder(padded)[0]
-    altered = ByteEncoder(encoder.config).eval()
+    altered = ByteEncoder(encoder.config, sparse_ngrams=False).eval()
     altered.load_state_dict(encoder.state_dict())
     longest = tokens.shape[1]
     altered.wte.weight[PAD] = 100 * torch.randn(encoder.config.n_embd)
@@ -50,3 +57,47 @@ def test_what_pad_positions_carry_cannot_reach_the_output(encoder, tokens):
     # the same change to a position real bytes use does reach the output: the check can fail
     altered.wpe.weight[1] = 100 * torch.randn(encoder.config.n_embd)
     assert (altered(padded)[0] - before).abs().max() > 0.1 * before.abs().max()
+
+
+def test_trim_padding_cuts_to_the_longest_token(tokens):
+    padded = torch.full((len(tokens), 64), PAD)
+    padded[:, :tokens.shape[1]] = tokens
+    assert torch.equal(trim_padding(padded), tokens)
+    assert trim_padding(padded[:1]).shape == (1, len(WORDS[0].encode()) + 2)
+
+
+@torch.no_grad()
+def test_no_ngram_vector_stands_for_a_whole_token():
+    """The honesty claim of the encoder: every n-gram that holds all of a token's bytes is left
+    out, so a held-out token is read from its parts. Make exactly those n-grams' rows huge: the
+    prediction for the token must not move; the same for a part of it must."""
+    torch.manual_seed(0)
+    config = ByteEncoderConfig(block_size=16, n_layer=1, n_head=2, n_embd=32, n_out=16, head_hidden=32, ngram_max=4, ngram_buckets=2**16)
+    encoder = ByteEncoder(config, sparse_ngrams=False).eval()
+    token = torch.tensor([[START, *b"abc", END]])
+    before = encoder(token)[0]
+    whole, partial = set(), set()
+    for n in range(2, 5):
+        ids = ngram_ids(token, n, config.ngram_buckets)[0]
+        for end in range(n - 1, token.shape[1]):
+            window = token[0, end - n + 1:end + 1]
+            (whole if (window < 256).sum() == 3 else partial).add(int(ids[end]))
+    assert whole and partial and not whole & partial  # ("abc", "[start]abc", "abc[end]", ...) against ("ab", "bc[end]", ...)
+    encoder.ngram.weight[sorted(whole)] = 1000 * torch.randn(len(whole), config.n_embd)
+    torch.testing.assert_close(encoder(token)[0], before)
+    encoder.ngram.weight[sorted(partial)[0]] = 1000 * torch.randn(config.n_embd)
+    assert (encoder(token)[0] - before).abs().max() > 0.1 * before.abs().max()
+
+
+def test_hub_negatives_are_the_rows_along_the_mean_row_and_always_among_the_negatives():
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(1000, 16, generator=g)
+    table[[7, 500, 901]] += 5 * torch.randn(16, generator=g).abs()  # three long rows along a shared direction
+    table[:, :] += 0.5
+    hubs = hub_ids(table, 3)
+    assert set(hubs.tolist()) == {7, 500, 901}
+    negatives = softmax_negative_ids(len(table), 64, hubs, torch.Generator().manual_seed(1))
+    assert len(negatives) == 67 and set(negatives[:3].tolist()) == {7, 500, 901}
+    again = softmax_negative_ids(len(table), 64, hubs, torch.Generator().manual_seed(1))
+    assert torch.equal(negatives, again) and not torch.equal(negatives, softmax_negative_ids(len(table), 64, hubs, g))
+    assert torch.equal(softmax_negative_ids(len(table), 0, hubs, g), torch.arange(1000))

@@ -5,7 +5,6 @@ prepare -> train -> evaluate -> test_mistral.
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -22,9 +21,9 @@ TEXT = "The quick brown fox jumps over the lazy dog. Grüße aus Köln! 🤖\n" 
 def test_train_writes_a_checkpoint(tiny_mistral, prepared_mistral, trained_mistral):
     checkpoint = torch.load(trained_mistral.out_dir / "ckpt.pt", map_location="cpu", weights_only=True)
     assert checkpoint["iter_num"] == 20
-    val_ids = np.load(prepared_mistral.data / "val_ids.npy")
-    assert checkpoint["data"] == {"model": str(tiny_mistral.folder), "vocab_size": 32000, "dim": 64,
-                                  "val_ids_sum": int(val_ids.sum()), "n_val": len(val_ids)}
+    meta = json.loads((prepared_mistral.data / "meta.json").read_text())
+    assert checkpoint["data"] == {"model": str(tiny_mistral.folder), "vocab_size": 32000, "dim": 64, "data_sha256": meta["data_sha256"]}
+    assert checkpoint["stage"] == "regression" and len(checkpoint["id"]) == 32
     args = checkpoint["model_args"]
     assert (args["block_size"], args["n_out"], args["n_layer"], args["n_embd"]) == (50, 64, 1, 32)
     assert "iter 20: train/cosine" in trained_mistral.proc.stdout + trained_mistral.proc.stderr

@@ -109,15 +109,17 @@ def test_block_grows_for_longer_tokens(tmp_path):
 
 def test_prepare_writes_the_split_and_text_counts(tiny_mistral, prepared_mistral, mistral_tokenizer):
     """The split is a property of the data: disjoint, every usable id in exactly one part,
-    untrained and duplicate rows in neither; the counts are the training text's own."""
+    untrained and duplicate rows in none; the counts are the training text's own."""
     from lm import training_text
     data = prepared_mistral.data
-    train_ids, val_ids = set(np.load(data / "train_ids.npy").tolist()), set(np.load(data / "val_ids.npy").tolist())
+    train_ids, select_ids, val_ids = (set(np.load(data / f"{part}_ids.npy").tolist()) for part in ("train", "select", "val"))
     _, _, meta = load_prepared(data)
     usable = {t["id"] for t in meta["tokens"] if not {"untrained", "duplicate"} & set(t["flags"])}
-    assert not train_ids & val_ids and train_ids | val_ids == usable
-    assert len(val_ids) == round(0.05 * len(usable)) and (meta["train_tokens"], meta["val_tokens"]) == (len(train_ids), len(val_ids))
-    assert not (set(tiny_mistral.untrained) | {BYTE_A}) & (train_ids | val_ids) and TOKEN_A in train_ids | val_ids
+    assert not train_ids & val_ids and not train_ids & select_ids and not select_ids & val_ids
+    assert train_ids | select_ids | val_ids == usable
+    assert len(val_ids) == round(0.05 * len(usable)) and len(select_ids) == round(0.02 * len(usable))
+    assert (meta["train_tokens"], meta["select_tokens"], meta["val_tokens"]) == (len(train_ids), len(select_ids), len(val_ids))
+    assert not (set(tiny_mistral.untrained) | {BYTE_A}) & usable and TOKEN_A in usable
     counts = np.load(data / "text_counts.npy")
     ids = mistral_tokenizer(training_text(), add_special_tokens=False)["input_ids"]
     assert counts.shape == (32000,) and counts.sum() == len(ids) == meta["training_text_tokens"]

@@ -75,14 +75,16 @@ def test_softmax_counts_every_token_once(rows):
 
 def test_split_is_deterministic_disjoint_and_sized():
     usable = torch.arange(0, 1000, 3)
-    train, val = split_vocabulary(usable, 0.1, seed=7)
-    again_train, again_val = split_vocabulary(usable, 0.1, seed=7)
-    assert torch.equal(train, again_train) and torch.equal(val, again_val)
-    assert len(val) == round(0.1 * len(usable)) and len(train) + len(val) == len(usable)
-    assert set(train.tolist()).isdisjoint(val.tolist()) and set(train.tolist()) | set(val.tolist()) == set(usable.tolist())
+    train, select, val = split_vocabulary(usable, 0.1, 0.05, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip((train, select, val), split_vocabulary(usable, 0.1, 0.05, seed=7)))
+    assert len(val) == round(0.1 * len(usable)) and len(select) == round(0.05 * len(usable))
+    assert len(train) + len(select) + len(val) == len(usable)
+    parts = [set(part.tolist()) for part in (train, select, val)]
+    assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
+    assert parts[0] | parts[1] | parts[2] == set(usable.tolist())
     assert torch.equal(train, train.sort().values)
-    assert not torch.equal(split_vocabulary(usable, 0.1, seed=8)[1], val)
-    assert len(split_vocabulary(usable, 0.0, seed=7)[1]) == 0
+    assert not torch.equal(split_vocabulary(usable, 0.1, 0.05, seed=8)[2], val)
+    assert [len(part) for part in split_vocabulary(usable, 0.0, 0.0, seed=7)[1:]] == [0, 0]
 
 
 def test_batches_of_an_epoch():

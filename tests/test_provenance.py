@@ -1,0 +1,105 @@
+"""
+Every artifact says what it came from, and the scripts that read one refuse a mismatch in one
+sentence: predictions of another checkpoint, an LM whose table is not the data's, data
+prepared with another split; a config file's misspelled key; pytest from the repository root.
+"""
+import json
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from storage import data_identity
+from helpers import ONE_THREAD, REPO, TINY_TRAIN, fails_with, files_under, run_script, succeeds
+
+
+def test_the_predicted_table_records_its_checkpoint_and_data(tiny_mistral, prepared_mistral, evaluated_mistral):
+    checkpoint = torch.load(evaluated_mistral.out_dir / "ckpt.pt", weights_only=True)
+    meta = json.loads((prepared_mistral.data / "meta.json").read_text())
+    with safe_open(evaluated_mistral.out_dir / "new_embeddings.safetensors", "pt") as f:
+        source = f.metadata()
+    assert source["checkpoint_id"] == checkpoint["id"] and source["data_sha256"] == meta["data_sha256"]
+    assert source["checkpoint"].endswith("ckpt.pt") and source["stage"] == "regression" and source["iter_num"] == "20"
+    report = json.loads((evaluated_mistral.out_dir / "eval.json").read_text())
+    assert report["checkpoint_id"] == checkpoint["id"] and report["table_sha256"] == meta["table_sha256"]
+
+
+def test_stale_predictions_are_refused(tiny_mistral, evaluated_mistral, workdir, tmp_path):
+    """train.py run again, evaluate.py skipped: the splice and compare would use old rows."""
+    out_dir = tmp_path / "out"
+    shutil.copytree(evaluated_mistral.out_dir, out_dir)
+    succeeds(run_script("train.py", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", *TINY_TRAIN, "--max_iters=2",
+                        "--eval_interval=2", cwd=workdir, env=ONE_THREAD))
+    before = files_under(out_dir)
+    for script, args in (("test_mistral.py", []), ("tokens.py", ["compare"])):
+        proc = run_script(script, *args, f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", cwd=workdir, env=ONE_THREAD)
+        fails_with(proc, "new_embeddings.safetensors was predicted from", "iteration 20", "rerun evaluate.py")
+    assert files_under(out_dir) == before
+
+
+def test_an_lm_whose_table_is_not_the_datas_is_refused(tiny_mistral, evaluated_mistral, workdir, tmp_path):
+    """The folder changed after prepare (another revision, a fine-tune saved over it)."""
+    folder = tmp_path / tiny_mistral.name  # same name, so the same data/<name>/
+    shutil.copytree(tiny_mistral.folder, folder)
+    lm = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        lm.get_input_embeddings().weight[1234] += 0.01
+    lm.save_pretrained(folder)
+    out_dir = tmp_path / "out"
+    shutil.copytree(evaluated_mistral.out_dir, out_dir)
+    for script, args in (("test_mistral.py", []), ("train_e2e.py", ["--e2e_seconds=1"])):
+        proc = run_script(script, *args, f"--model={folder}", f"--out_dir={out_dir}", cwd=workdir, env=ONE_THREAD)
+        fails_with(proc, f"input table of {folder} is not the one", "prepare_mistral_data.py")
+
+
+def test_the_data_identity_is_a_hash_of_the_split():
+    """Two splits with the same sum and count of held-out ids (what was compared before) differ."""
+    def data(val_ids):
+        from storage import sha256
+        import numpy as np
+        val = np.array(val_ids)
+        return SimpleNamespace(meta={"model": "m", "vocab_size": 6, "dim": 2, "data_sha256": sha256(val)}, val_ids=torch.tensor(val_ids))
+    first, second = data([1, 4]), data([2, 3])
+    assert first.val_ids.sum() == second.val_ids.sum() and len(first.val_ids) == len(second.val_ids)
+    assert data_identity(first) != data_identity(second)
+
+
+def test_a_checkpoint_of_another_split_is_refused(tiny_mistral, trained_mistral, tmp_path):
+    """The same model prepared again in another folder with another split_seed."""
+    succeeds(run_script("prepare_mistral_data.py", f"--model={tiny_mistral.folder}", "--split_seed=7", cwd=tmp_path))
+    out_dir = tmp_path / "out"
+    shutil.copytree(trained_mistral.out_dir, out_dir)
+    fails_with(run_script("evaluate.py", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", cwd=tmp_path), "other prepared data")
+
+
+def test_a_misspelled_key_in_a_config_file_is_one_sentence(tmp_path):
+    (tmp_path / "typo.py").write_text("model = 'smollm2'\nlearning_rte = 3e-4\ne2e_seconds = 10.0\n")
+    fails_with(run_script("train.py", "typo.py", cwd=tmp_path), "typo.py sets learning_rte, which no script declares")
+    # a key that another script declares (e2e_seconds is train_e2e.py's) is left to that script
+    (tmp_path / "other.py").write_text("e2e_seconds = 10.0\nmax_iters = 0\nmax_seconds = 0.0\n")
+    fails_with(run_script("train.py", "other.py", cwd=tmp_path), "without a budget")
+
+
+def test_pytest_from_the_repository_root_collects_the_suite():
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "tests/test_provenance.py::test_pytest_from_the_repository_root_collects_the_suite" in proc.stdout
+
+
+def test_the_time_budget_stops_the_run_and_decays_the_learning_rate(tiny_mistral, prepared_mistral, workdir, tmp_path):
+    """The demo's budget is seconds of training: the run stops at the first step past it, and
+    the schedule reaches min_lr there."""
+    from schedule import budget_used, get_lr
+    assert budget_used(5, 150.0, 0, 300.0) == 0.5 and budget_used(5, 150.0, 10, 300.0) == 0.5
+    assert get_lr(1000, budget_used(1000, 300.0, 0, 300.0), 50, 1e-3, 1e-4) == 1e-4
+    args = [a for a in TINY_TRAIN if not a.startswith("--eval_interval_seconds")]
+    succeeds(run_script("train.py", f"--model={tiny_mistral.folder}", f"--out_dir={tmp_path / 'out'}", *args, "--max_seconds=3",
+                        "--eval_interval_seconds=1", cwd=workdir, env=ONE_THREAD))
+    checkpoint = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    step = checkpoint["train_seconds"] / checkpoint["iter_num"]
+    assert 3.0 <= checkpoint["train_seconds"] < 3.0 + 2 * step + 0.5 and checkpoint["iter_num"] > 5
