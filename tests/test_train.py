@@ -62,6 +62,16 @@ def test_two_processes_match_one(tiny_mistral, prepared_mistral, workdir):
         torch.testing.assert_close(two["model"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_two_processes_stop_together_on_a_time_budget(tiny_mistral, prepared_mistral, workdir):
+    """With max_seconds each process would read its own clock; rank 0's decision is broadcast,
+    so both stop at the same step instead of one waiting forever for the other."""
+    args = [f"--model={tiny_mistral.folder}", *SHORT, "--max_seconds=3", f"--out_dir={workdir / 'out-two-timed'}"]
+    proc = succeeds(train(*args, cwd=workdir, launcher=["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]))
+    assert "on cpu x2" in proc.stdout
+    checkpoint = load(workdir / "out-two-timed")
+    assert checkpoint["train_seconds"] >= 3.0 and checkpoint["iter_num"] > 0
+
+
 def test_resume_continues_exactly(tiny_mistral, prepared_mistral, workdir):
     """20 iterations straight against 10, an interruption, and a resume to 20. Both legs use
     the same max_iters, so the cosine schedule is the same; the sampled softmax negatives
