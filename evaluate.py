@@ -32,10 +32,12 @@ model = "smollm2"  # whose table: data/<name>/ from prepare_mistral_data.py
 out_dir = "out-smollm2"  # holds the checkpoints; the plots, eval.json and new_embeddings.safetensors go here too
 checkpoint = "auto"  # regression (train.py's ckpt.pt), e2e (train_e2e.py's e2e.pt), or auto: the last stage that ran
 predict_batch_size = 1024  # tokens per encoder forward pass
+top1_rows = 0  # top-1 is V x V x D work: 0 scores every row, else this many rows drawn at random (the same ones each run)
 device = "auto"  # auto: cuda, then mps, then cpu
 # inside a Jupyter kernel sys.argv holds the kernel's own flags: edit the globals above instead
 configure(globals(), [] if "ipykernel" in sys.modules else None)
 check(globals(), "predict_batch_size", 1)
+check(globals(), "top1_rows", 0)
 device = pick_device(device)
 started = time.time()
 
@@ -53,11 +55,15 @@ print(f"{data.meta['model']}: table {vocab_size}x{dim}; checkpoint {source['chec
 # %% predict the whole table, untrained and duplicate rows included: new tokens are the point.
 # This prediction, as it is, is what test_mistral.py splices in and tokens.py's soft rows are
 predicted = encoder.predict(input_ids, predict_batch_size)
-# argmax over the whole table, chunked; on the device because it is V x V x D work
-table_dev, ids = table.to(device), torch.arange(vocab_size)
-chunk = 8192
-hits = torch.cat([top1_hits(predicted[start:start + chunk].to(device), table_dev, ids[start:start + chunk].to(device)).cpu()
-                  for start in tqdm(range(0, vocab_size, chunk), desc="top-1", leave=False)])
+# argmax over the whole table, chunked; on the device because it is V x V x D work. Rows not
+# scored (top1_rows) are NaN and left out of every group's top-1
+ids = torch.arange(vocab_size)
+if 0 < top1_rows < vocab_size:
+    ids = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(0))[:top1_rows].sort().values
+table_dev, chunk = table.to(device), 8192
+hits = torch.full((vocab_size,), float("nan"))
+hits[ids] = torch.cat([top1_hits(predicted[chunk_ids].to(device), table_dev, chunk_ids.to(device)).cpu().float()
+                       for chunk_ids in tqdm(ids.split(chunk), desc="top-1", leave=False)])
 del table_dev
 cosine = F.cosine_similarity(predicted, table, dim=1)
 norm_original, norm_predicted = table.norm(dim=1), predicted.norm(dim=1)
@@ -88,7 +94,9 @@ def summarize(mask, weights=None):
         return {"count": 0, "top1": None, "cosine": None, "explained": None, "norm_original": None, "norm_predicted": None}
     weights = torch.ones(int(mask.sum())) if weights is None else weights[mask].float()
     share = weights / weights.sum()
-    return {"count": int(mask.sum()), "top1": (share * hits[mask]).sum().item(),
+    scored = ~hits[mask].isnan()
+    top1 = (weights[scored] * hits[mask][scored]).sum().item() / weights[scored].sum().item() if scored.any() else None
+    return {"count": int(mask.sum()), "top1": top1,
             **closeness(predicted[mask], table[mask], mean_row, weights),
             "norm_original": (share * norm_original[mask]).sum().item(), "norm_predicted": (share * norm_predicted[mask]).sum().item()}
 
@@ -99,7 +107,8 @@ for name, g in summary.items():
     if g["count"] == 0:
         print(f"{name:<10} {0:>7} {'-':>7} {'-':>7} {'-':>8} {'-':>10} {'-':>10}")
     else:
-        print(f"{name:<10} {g['count']:>7} {g['top1']:>7.2%} {g['cosine']:>7.3f} {g['explained']:>8.3f} "
+        top1 = "-" if g["top1"] is None else f"{g['top1']:.2%}"
+        print(f"{name:<10} {g['count']:>7} {top1:>7} {g['cosine']:>7.3f} {g['explained']:>8.3f} "
               f"{g['norm_original']:>10.3f} {g['norm_predicted']:>10.3f}")
 print(f"(in text: weighted by each token's count in the {data.meta['training_text_tokens']} tokens of the training text)")
 if summary["untrained"]["count"] or summary["duplicate"]["count"]:
@@ -119,7 +128,8 @@ for split in ("trained", "held-out"):
         by_length[split].append({"bytes": label, "count": g["count"], "top1": g["top1"], "cosine": g["cosine"], "explained": g["explained"]})
 print(f"\n{'bytes':<6} {'trained':>8} {'top-1':>7} {'cosine':>7} {'held-out':>9} {'top-1':>7} {'cosine':>7}")
 for train_row, val_row in zip(by_length["trained"], by_length["held-out"]):
-    cells = [f"{row['count']:>{w}} " + (f"{row['top1']:>7.2%} {row['cosine']:>7.3f}" if row["count"] else f"{'-':>7} {'-':>7}")
+    cells = [f"{row['count']:>{w}} " + (f"{'-' if row['top1'] is None else format(row['top1'], '.2%'):>7} {row['cosine']:>7.3f}"
+                                        if row["count"] else f"{'-':>7} {'-':>7}")
              for row, w in ((train_row, 8), (val_row, 9))]
     print(f"{train_row['bytes']:<6} " + " ".join(cells))
 

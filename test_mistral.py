@@ -96,7 +96,8 @@ for name, ids in text_ids.items():
     ratios[name] = spliced / original
     print(f"  {name} ({len(ids)} tokens): original {original:.2f}, spliced {spliced:.2f} ({ratios[name]:.2f}x)")
 
-report = {**source, "embeddings": os.path.join(out_dir, "new_embeddings.safetensors"), "lm": model, "device": dev, "dtype": str(torch_dtype).removeprefix("torch."),
+report = {**source, "embeddings": os.path.join(out_dir, "new_embeddings.safetensors"), "lm": model, "revision": data.meta["revision"],
+          "table_sha256": data.meta["table_sha256"], "device": dev, "dtype": str(torch_dtype).removeprefix("torch."),
           "prompt": prompt, "chat_template": bool(tokenizer.chat_template), "max_new_tokens": max_new_tokens,
           "texts": {name: len(ids) for name, ids in text_ids.items()}, "context": context,
           "perplexity": {"original": results["original"]["perplexity"], "spliced": results["spliced"]["perplexity"]},

@@ -27,6 +27,7 @@ or after punctuation, and after a space it leaves the space as a token of its ow
 """
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +35,11 @@ from tqdm import tqdm
 
 from configurator import UserError, check, configure, pick_device
 from filling import METHODS, new_rows
-from lm import load_lm, load_tokenizer, perplexity, read_input_embeddings, resolve_model, scoring_texts
+from lm import is_tied, load_lm, load_tokenizer, perplexity, read_input_embeddings, resolve_model, scoring_texts
 from splice import read_predicted_table, splice_rows
 from spelling import token_bytes, token_piece, untrained_rows
 from storage import atomic_write, check_lm_table, data_identity, load_checkpoint, load_data
+from untrained import VERIFIED_BELOW, find_untrained
 
 COMMANDS = ("detect", "repair", "add", "compare")
 model = "smollm2"  # hub id, local folder, or "smollm2"
@@ -49,6 +51,7 @@ text_file = ""  # compare: text for perplexity; empty: the two evaluation texts 
 eval_tokens = 2048  # compare: perplexity over the first this many tokens of each text
 context = 512  # compare: a text is scored in windows of this many tokens
 device = "auto"  # compare: auto: cuda, then mps, then cpu
+show_rows = 40  # detect: rows listed of each group of candidates
 # `python tokens.py COMMAND [config.py] [--key=value ...] [--tokens STRING ...]`: everything
 # after --tokens is a string to add, spaces and all
 if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
@@ -128,21 +131,47 @@ def show_nearest(rows, table, known, tokens, tokenizer, ids):
 # the subcommands
 
 def detect():
-    # only the input table is read, so a 7B model costs one shard, not the whole checkpoint
+    # the norm rule reads only the input table, so a 7B model costs one shard; the LM is loaded
+    # only to verify the candidates a tied table's geometry gives
     folder, _ = resolve_model(model, only_embeddings=True)
     tokenizer = load_tokenizer(folder)
     table, _ = read_input_embeddings(folder)
     tokens, _ = token_bytes(tokenizer)
     table = table[:len(tokens)]
     norms = table.norm(dim=1)
-    ids = untrained_rows(table).nonzero()[:, 0]
-    print(f"{model}: {len(ids)} of {len(tokens)} input rows untrained "
-          f"(norm at most 0.1 x the median row's {norms.median():.4f})")
+    started = time.time()
+    found = find_untrained(model, tokenizer, table, is_tied(folder))
+    ids = found.by_norm
+    print(f"{model}: {len(ids)} of {len(tokens)} input rows untrained by their norm "
+          f"(at most 0.1 x the median row's {norms.median():.4f})")
     if len(ids):
         print(f"{'id':>8} {'norm':>10}  {'token':<30} flags")
     for token_id in ids.tolist():
         flags = ",".join(sorted(tokens[token_id][1]))
         print(f"{token_id:>8} {norms[token_id]:>10.6f}  {describe(tokens, tokenizer, token_id):<30} {flags}")
+    if not found.tied or not len(found.reference):
+        why = "the table is untied, so its input norms are the indicator" if not found.tied else "the tokenizer names no row unused or reserved"
+        print(f"no geometry check: {why}")
+        return
+    named = torch.zeros(len(table), dtype=torch.bool)
+    named[found.reference] = True
+    verified = torch.zeros(len(table), dtype=torch.bool)
+    verified[found.verified] = True
+    candidates = found.candidates
+    print(f"tied table, {len(found.reference)} rows named unused or reserved by the tokenizer; geometry: cosine to the mean of 100 of "
+          f"them (mean and first principal component removed), line {found.line:.3f}, above which {found.recall:.1%} of the others lie")
+    print(f"candidates: {len(candidates)} ({int(named[candidates].sum())} named unused, {int((~named[candidates]).sum())} others); "
+          f"verified by the LM (repeat probability below {VERIFIED_BELOW}): {len(found.verified)} "
+          f"({int(named[found.verified].sum())} named unused, {int((~named[found.verified]).sum())} others); {time.time() - started:.0f}s")
+    print(f"named unused rows: {int(named[candidates].sum())} of {len(found.reference)} candidates ({named[candidates].sum() / len(found.reference):.1%}), "
+          f"{int((named & verified).sum())} verified ({(named & verified).sum() / len(found.reference):.1%})")
+    probability = dict(zip(candidates.tolist(), found.probabilities.tolist()))
+    for title, group in (("verified, not named unused", candidates[verified[candidates] & ~named[candidates]]),
+                         ("unverified candidates (the LM repeats them)", candidates[~verified[candidates]])):
+        print(f"\n{title}: {len(group)}" + (f", the first {show_rows} by score" if len(group) > show_rows else ""))
+        group = group[found.scores[group].argsort(descending=True)][:show_rows]
+        for token_id in group.tolist():
+            print(f"{token_id:>8} score {found.scores[token_id]:.3f}  p(repeat) {probability[token_id]:.4f}  {describe(tokens, tokenizer, token_id)}")
 
 
 def repair():

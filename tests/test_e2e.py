@@ -3,7 +3,8 @@ train_e2e.py, the second stage through the frozen LM, as a user runs it on the t
 it lowers the KL divergence between the LM's next-token distributions with its own rows and
 with the encoder's, writes e2e.pt and never touches train.py's ckpt.pt or the LM, saves as it
 goes and resumes, refuses to stack on itself, and never predicts a held-out token's row in a
-window. The loss itself (e2e.py) is checked in-process.
+window. The loss itself (e2e.py) is checked in-process here and, on every LM, in
+tests/test_identity.py (the LM's own rows give a loss of zero).
 """
 import json
 import os
@@ -14,7 +15,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
@@ -139,19 +139,6 @@ def test_e2e_without_a_checkpoint_is_one_sentence(tiny_mistral, prepared_mistral
                "no checkpoint")
 
 
-class TrueRows(nn.Module):
-    """An 'encoder' that answers every token with its true row: what a perfect one would do."""
-    def __init__(self, input_ids, table):
-        super().__init__()
-        self.rows = {tuple(r[r != PAD].tolist()): i for i, r in enumerate(input_ids)}
-        self.table = table
-        self.scale = nn.Parameter(torch.ones(()))
-
-    def forward(self, idx):
-        ids = [self.rows[tuple(r[r != PAD].tolist())] for r in idx]
-        return self.scale * self.table[ids], None
-
-
 @pytest.fixture(scope="module")
 def in_process(tiny_mistral, trained_mistral, workdir):
     here = os.getcwd()
@@ -163,15 +150,6 @@ def in_process(tiny_mistral, trained_mistral, workdir):
     lm = AutoModelForCausalLM.from_pretrained(tiny_mistral.folder, dtype=torch.float32).eval().requires_grad_(False)
     return SimpleNamespace(data=data, lm=lm, windows=windows_of_the_training_text(tiny_mistral.folder),
                            encoder=load_encoder(torch.load(trained_mistral.out_dir / "ckpt.pt", weights_only=True)).train())
-
-
-def test_e2e_loss_of_the_true_rows_is_zero(in_process):
-    data = in_process.data
-    encoder = TrueRows(data.input_ids, data.table)
-    anchors = data.train_ids[:64]
-    loss, kl, mse = e2e_loss(encoder, in_process.lm, in_process.windows, data.input_ids, data.table,
-                             torch.zeros(len(data.table), dtype=torch.bool), anchors, 100.0)
-    assert kl.item() < 1e-6 and mse.item() == 0.0 and loss.item() < 1e-6
 
 
 def test_e2e_loss_trains_the_encoder_only_and_frozen_tokens_read_their_own_rows(in_process):

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from lm import load_tokenizer, training_text
 from spelling import token_bytes, untrained_rows
-from helpers import ONE_THREAD, SPELLING_ENCODER, generates, run_script, spelled_rows, stock_load, succeeds
+from helpers import ONE_THREAD, SPELLING_ENCODER, assert_own_table_changes_nothing, first_windows, generates, run_script, spelled_rows, stock_load, succeeds
 
 VOCAB, RANKS = 128256, 128000
 TRAINED_SPECIALS = [128000, 128001]  # <|begin_of_text|>, <|end_of_text|>
@@ -135,6 +135,14 @@ def test_pipeline_runs_and_flags_the_reserved_rows(tiny_llama3, pipeline):
     # the France prompt went through the chat template, and both evaluation texts were scored
     assert splice["chat_template"] and len(splice["ratio"]) == 2
     assert all(ratio > 0 for ratio in splice["ratio"].values())
+
+
+def test_its_own_table_changes_nothing(tiny_llama3):
+    """The identity splice (tests/test_identity.py) on Llama 3's 128,256-row table."""
+    from transformers import AutoModelForCausalLM
+    from lm import load_tokenizer
+    lm = AutoModelForCausalLM.from_pretrained(tiny_llama3.folder, dtype=torch.float32)
+    assert_own_table_changes_nothing(lm, first_windows(load_tokenizer(tiny_llama3.folder)))
 
 
 def test_detect_lists_exactly_the_untrained_rows(tiny_llama3, workdir):

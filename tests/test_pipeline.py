@@ -71,6 +71,10 @@ def test_splice_reports_both_perplexities(tiny_mistral, evaluated_mistral, workd
         report = json.load(f)
     assert "perplexity" in proc.stdout and "spliced" in proc.stdout
     assert isinstance(report["answer"]["original"], str) and isinstance(report["answer"]["spliced"], str)
+    # what it came from: the checkpoint the predictions were made from, and the data (and so the LM's table)
+    meta = json.loads((workdir / "data" / tiny_mistral.name / "meta.json").read_text())
+    checkpoint_id = torch.load(evaluated_mistral.out_dir / "ckpt.pt", map_location="cpu", weights_only=True)["id"]
+    assert (report["checkpoint_id"], report["data_sha256"], report["table_sha256"]) == (checkpoint_id, meta["data_sha256"], meta["table_sha256"])
     # the same numbers, computed here: the whole text is one window of the tiny LM
     tokenizer = load_tokenizer(tiny_mistral.folder)
     ids = tokenizer(TEXT, return_tensors="pt")["input_ids"][0]

@@ -1,0 +1,103 @@
+"""
+Gemma 3 270M, the real SentencePiece LM from PyPI (model=gemma3): its 6,242 <unusedN> rows have
+ordinary norms, so the detector reads the tied table's geometry and asks the LM to repeat each
+candidate; its embedding layer scales rows by sqrt(640), so rows handed over as inputs_embeds
+must be scaled too. The whole pipeline runs on a tiny Gemma3ForCausalLM around the real
+tokenizer (the real model would take most of the suite's time).
+"""
+import json
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from lm import load_lm, load_tokenizer, resolve_model
+from spelling import token_bytes, untrained_rows
+from untrained import VERIFIED_BELOW, geometry_candidates, named_unused, repeat_probabilities
+from helpers import ONE_THREAD, TINY_TRAIN, assert_own_table_changes_nothing, first_windows, run_script, spelled_rows, succeeds
+
+UNUSED = 6242
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    lm, tokenizer = load_lm("gemma3")
+    table = lm.get_input_embeddings().weight.detach()[:len(tokenizer)].clone()
+    return SimpleNamespace(lm=lm, tokenizer=tokenizer, table=table, pieces=tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+
+
+def test_the_norms_see_nothing_but_the_geometry_finds_the_unused_rows(gemma):
+    assert len(gemma.table) == 262144 and untrained_rows(gemma.table).sum() == 0
+    reference = named_unused(gemma.pieces)
+    assert len(reference) == UNUSED and all(re.fullmatch(r"<unused\d+>", gemma.pieces[i]) for i in reference)
+    candidates, scores, line, recall = geometry_candidates(gemma.table, reference)
+    assert recall >= 0.985 and torch.isin(reference, candidates).float().mean() >= 0.985
+    assert len(candidates) < 2 * UNUSED  # it singles out a few rows, not the table
+    assert scores[gemma.tokenizer.convert_tokens_to_ids("▁Paris")] < line
+
+
+def test_the_lm_cannot_repeat_unused_tokens_but_repeats_words(gemma):
+    unused = gemma.tokenizer.convert_tokens_to_ids([f"<unused{n}>" for n in range(10, 26)])
+    words = gemma.tokenizer.convert_tokens_to_ids(["▁Paris", "apple", "ing", "▁house", "▁capital", "▁France"])
+    probabilities = repeat_probabilities(gemma.lm, gemma.tokenizer, torch.tensor(unused + words))
+    assert (probabilities[:len(unused)] < VERIFIED_BELOW).all(), probabilities
+    assert (probabilities[len(unused):] > VERIFIED_BELOW).all(), probabilities
+
+
+def test_its_own_table_changes_nothing_when_rows_are_scaled_as_gemma_scales_them(gemma):
+    windows = first_windows(gemma.tokenizer)
+    with torch.no_grad():
+        own = gemma.lm(input_ids=windows).logits
+        raw = gemma.lm(inputs_embeds=gemma.lm.get_input_embeddings().weight[windows]).logits
+    assert (own - raw).abs().max() > 10  # the trap: raw rows are 25 times too small
+    assert_own_table_changes_nothing(gemma.lm, windows)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory):
+    """The real Gemma 3 tokenizer on a tiny random tied Gemma3ForCausalLM whose rows are spelled
+    (helpers.spelled_rows) and whose <unusedN> rows are near copies of one row, as in the real one."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    folder = tmp_path_factory.mktemp("models") / "tiny-gemma3"
+    tokenizer = load_tokenizer(resolve_model("gemma3")[0])
+    tokenizer.save_pretrained(folder)
+    tokens, _ = token_bytes(tokenizer)
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=64,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
+                              tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    lm = Gemma3ForCausalLM(config)
+    reference = named_unused(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+    with torch.no_grad():
+        table = lm.get_input_embeddings().weight
+        table[:] = spelled_rows([data for data, _ in tokens], config.hidden_size, seed=0)
+        table[reference] = table[reference[0]] + 0.05 * torch.randn(len(reference), config.hidden_size)
+    lm.save_pretrained(folder)
+    return SimpleNamespace(folder=folder, reference=reference)
+
+
+def test_the_pipeline_runs_on_gemma_and_leaves_the_unused_rows_out(tiny_gemma3, workdir):
+    model, out_dir = f"--model={tiny_gemma3.folder}", workdir / "out-tiny-gemma3"
+    prepare = succeeds(run_script("prepare_mistral_data.py", model, cwd=workdir, env=ONE_THREAD))
+    data = workdir / "data" / tiny_gemma3.folder.name
+    meta = json.loads((data / "meta.json").read_text())
+    untrained = {t["id"] for t in meta["tokens"] if "untrained" in t["flags"]}
+    # a random LM repeats nothing, so every candidate is verified; the near copies are all found
+    assert meta["untrained_by_norm"] == 0 and meta["untrained_verified"] == meta["untrained_candidates"] == len(untrained)
+    assert len(set(tiny_gemma3.reference.tolist()) & untrained) >= 0.985 * UNUSED, prepare.stdout
+    used = set(np.load(data / "train_ids.npy").tolist()) | set(np.load(data / "select_ids.npy").tolist()) | set(np.load(data / "val_ids.npy").tolist())
+    assert not used & untrained and meta["tokenizer_kind"] == "sentencepiece" and meta["vocab_size"] == 262144
+    succeeds(run_script("train.py", model, f"--out_dir={out_dir}", *TINY_TRAIN, "--max_iters=10", "--eval_interval=10", cwd=workdir, env=ONE_THREAD))
+    succeeds(run_script("train_e2e.py", model, f"--out_dir={out_dir}", "--e2e_seconds=2", "--e2e_context=32", cwd=workdir, env=ONE_THREAD))
+    succeeds(run_script("evaluate.py", model, f"--out_dir={out_dir}", "--top1_rows=2048", cwd=workdir, env=ONE_THREAD))
+    report = json.loads((out_dir / "eval.json").read_text())
+    assert report["stage"] == "e2e" and report["groups"]["untrained"]["count"] == len(untrained)
+    succeeds(run_script("test_mistral.py", model, f"--out_dir={out_dir}", "--eval_tokens=128", "--max_new_tokens=3",
+                        "--prompt=Question: What is the capital of France?\nAnswer:", cwd=workdir, env=ONE_THREAD))
+    splice = json.loads((out_dir / "splice.json").read_text())
+    assert not splice["chat_template"] and all(ratio > 0 for ratio in splice["ratio"].values())
+    detect = succeeds(run_script("tokens.py", "detect", model, cwd=workdir, env=ONE_THREAD))
+    assert f"{UNUSED} rows named unused or reserved" in detect.stdout and f"verified by the LM (repeat probability below {VERIFIED_BELOW}): {len(untrained)}" in detect.stdout
