@@ -182,10 +182,10 @@ def repair():
     vocab_size = len(tokens)
     embed = lm.get_input_embeddings().weight
     table = embed.detach()[:vocab_size].float().clone()
-    dead = untrained_rows(table)
+    dead = find_untrained(model, tokenizer, table, embed is lm.get_output_embeddings().weight, lm).untrained
     ids = dead.nonzero()[:, 0]
     if len(ids) == 0:
-        raise UserError(f"{model} has no untrained input rows (none has a norm below 0.1 x the median); there is nothing to repair")
+        raise UserError(f"the detector finds no untrained input rows in {model} (python tokens.py detect says why); there is nothing to repair")
     trained = None
     if method == "soft":
         trained = load_checkpoint(out_dir, {"model": model, "vocab_size": vocab_size, "dim": table.shape[1]}, checkpoint)
@@ -219,7 +219,7 @@ def add():
             raise UserError(f"{s!r} is already token {existing} of {model}; add only strings that are not tokens yet")
     embed = lm.get_input_embeddings().weight
     table = embed.detach()[:vocab_size].float().clone()
-    known = ~untrained_rows(table)
+    known = ~find_untrained(model, tokenizer, table, embed is lm.get_output_embeddings().weight, lm).untrained
     trained = None
     if method == "soft":
         trained = load_checkpoint(out_dir, {"model": model, "vocab_size": vocab_size, "dim": table.shape[1]}, checkpoint)
@@ -269,7 +269,8 @@ def compare():
     texts = scoring_texts(text_file)
     lm, tokenizer = load_lm(model, device=pick_device(device))
     check_lm_table(lm.get_input_embeddings().weight, data, model)
-    known = ~untrained_rows(table)
+    # the detector's verdict, as prepare recorded it (on a tied table it took the LM minutes)
+    known = ~torch.tensor(["untrained" in t["flags"] for t in data.meta["tokens"]])
     known[held] = False
     spelled = [bytes.fromhex(data.meta["tokens"][i]["bytes"]) for i in held.tolist()]
     rows = {"true": table[held], **{name: new_rows(name, spelled, table, known, tokenizer, None) for name in ("mean", "fvt")},

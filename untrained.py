@@ -66,11 +66,11 @@ def repeat_probabilities(lm, tokenizer, ids, batch_size=256):
     return torch.cat(probabilities) if probabilities else torch.zeros(0)
 
 
-def find_untrained(model, tokenizer, table, tied):
+def find_untrained(model, tokenizer, table, tied, lm=None):
     """The detector: rows of `table` (the LM's input rows for its tokenizer's vocabulary) that
     were never trained. A namespace: untrained (bool [V]: the norm rule's rows and the verified
     candidates), by_norm, reference, candidates (ids), probabilities (of each candidate), line,
-    recall, verified (ids). Only a tied table with reference rows needs the LM (loaded here)."""
+    recall, verified (ids). Only a tied table with reference rows needs the LM (`lm`, or loaded here)."""
     from lm import load_lm
     from spelling import untrained_rows
     untrained = untrained_rows(table)
@@ -81,7 +81,8 @@ def find_untrained(model, tokenizer, table, tied):
     if tied and len(reference):
         candidates, report.scores, report.line, report.recall = geometry_candidates(table, reference)
         report.candidates = candidates[~untrained[candidates]]
-        lm, _ = load_lm(model)
+        if lm is None:
+            lm, _ = load_lm(model)
         report.probabilities = repeat_probabilities(lm, tokenizer, report.candidates)
         untrained[report.candidates[report.probabilities < VERIFIED_BELOW]] = True
     report.untrained = untrained

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from lm import load_lm, load_tokenizer, resolve_model
 from spelling import token_bytes, untrained_rows
@@ -101,3 +102,10 @@ def test_the_pipeline_runs_on_gemma_and_leaves_the_unused_rows_out(tiny_gemma3, 
     assert not splice["chat_template"] and all(ratio > 0 for ratio in splice["ratio"].values())
     detect = succeeds(run_script("tokens.py", "detect", model, cwd=workdir, env=ONE_THREAD))
     assert f"{UNUSED} rows named unused or reserved" in detect.stdout and f"verified by the LM (repeat probability below {VERIFIED_BELOW}): {len(untrained)}" in detect.stdout
+    # repair fills exactly the rows the detector verified, from their bytes, and leaves the rest
+    save = workdir / "tiny-gemma3-repaired"
+    succeeds(run_script("tokens.py", "repair", model, f"--out_dir={out_dir}", "--method=soft", f"--save={save}", cwd=workdir, env=ONE_THREAD))
+    before = AutoModelForCausalLM.from_pretrained(tiny_gemma3.folder).get_input_embeddings().weight.detach()
+    after = AutoModelForCausalLM.from_pretrained(save).get_input_embeddings().weight.detach()
+    changed = set((before != after).any(1).nonzero()[:, 0].tolist())
+    assert changed == untrained
