@@ -2,8 +2,10 @@
 Gemma 3 270M, the real SentencePiece LM from PyPI (model=gemma3): its 6,242 <unusedN> rows have
 ordinary norms, so the detector reads the tied table's geometry and asks the LM to repeat each
 candidate; its embedding layer scales rows by sqrt(640), so rows handed over as inputs_embeds
-must be scaled too. The whole pipeline runs on a tiny Gemma3ForCausalLM around the real
-tokenizer (the real model would take most of the suite's time).
+must be scaled too. The pipeline (prepare, train, train_e2e, evaluate, repair) runs on a tiny
+Gemma3ForCausalLM around the real tokenizer (the real model would take most of the suite's
+time; `make demo CONFIG=config/gemma3_cpu.py` runs it, and test_mistral.py's splice of it is
+the identity test here).
 """
 import json
 import re
@@ -15,9 +17,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lm import load_lm, load_tokenizer, resolve_model
-from spelling import token_bytes, untrained_rows
+from spelling import untrained_rows
 from untrained import VERIFIED_BELOW, geometry_candidates, named_unused, repeat_probabilities
-from helpers import ONE_THREAD, TINY_TRAIN, assert_own_table_changes_nothing, first_windows, run_script, spelled_rows, succeeds
+from helpers import ONE_THREAD, TINY_TRAIN, assert_own_table_changes_nothing, first_windows, run_script, succeeds
 
 UNUSED = 6242
 
@@ -58,13 +60,12 @@ def test_its_own_table_changes_nothing_when_rows_are_scaled_as_gemma_scales_them
 
 @pytest.fixture(scope="module")
 def tiny_gemma3(tmp_path_factory):
-    """The real Gemma 3 tokenizer on a tiny random tied Gemma3ForCausalLM whose rows are spelled
-    (helpers.spelled_rows) and whose <unusedN> rows are near copies of one row, as in the real one."""
+    """The real Gemma 3 tokenizer on a tiny random tied Gemma3ForCausalLM whose <unusedN> rows are
+    near copies of one row, as in the real one."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
     folder = tmp_path_factory.mktemp("models") / "tiny-gemma3"
     tokenizer = load_tokenizer(resolve_model("gemma3")[0])
     tokenizer.save_pretrained(folder)
-    tokens, _ = token_bytes(tokenizer)
     torch.manual_seed(0)
     config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                               num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=64,
@@ -74,7 +75,7 @@ def tiny_gemma3(tmp_path_factory):
     reference = named_unused(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
     with torch.no_grad():
         table = lm.get_input_embeddings().weight
-        table[:] = spelled_rows([data for data, _ in tokens], config.hidden_size, seed=0)
+        table.normal_(0.0, 0.3)
         table[reference] = table[reference[0]] + 0.05 * torch.randn(len(reference), config.hidden_size)
     lm.save_pretrained(folder)
     return SimpleNamespace(folder=folder, reference=reference)
@@ -92,16 +93,10 @@ def test_the_pipeline_runs_on_gemma_and_leaves_the_unused_rows_out(tiny_gemma3, 
     used = set(np.load(data / "train_ids.npy").tolist()) | set(np.load(data / "select_ids.npy").tolist()) | set(np.load(data / "val_ids.npy").tolist())
     assert not used & untrained and meta["tokenizer_kind"] == "sentencepiece" and meta["vocab_size"] == 262144
     succeeds(run_script("train.py", model, f"--out_dir={out_dir}", *TINY_TRAIN, "--max_iters=10", "--eval_interval=10", cwd=workdir, env=ONE_THREAD))
-    succeeds(run_script("train_e2e.py", model, f"--out_dir={out_dir}", "--e2e_seconds=2", "--e2e_context=32", cwd=workdir, env=ONE_THREAD))
+    succeeds(run_script("train_e2e.py", model, f"--out_dir={out_dir}", "--e2e_seconds=1", "--e2e_context=32", cwd=workdir, env=ONE_THREAD))
     succeeds(run_script("evaluate.py", model, f"--out_dir={out_dir}", "--top1_rows=2048", cwd=workdir, env=ONE_THREAD))
     report = json.loads((out_dir / "eval.json").read_text())
     assert report["stage"] == "e2e" and report["groups"]["untrained"]["count"] == len(untrained)
-    succeeds(run_script("test_mistral.py", model, f"--out_dir={out_dir}", "--eval_tokens=128", "--max_new_tokens=3",
-                        "--prompt=Question: What is the capital of France?\nAnswer:", cwd=workdir, env=ONE_THREAD))
-    splice = json.loads((out_dir / "splice.json").read_text())
-    assert not splice["chat_template"] and all(ratio > 0 for ratio in splice["ratio"].values())
-    detect = succeeds(run_script("tokens.py", "detect", model, cwd=workdir, env=ONE_THREAD))
-    assert f"{UNUSED} rows named unused or reserved" in detect.stdout and f"verified by the LM (repeat probability below {VERIFIED_BELOW}): {len(untrained)}" in detect.stdout
     # repair fills exactly the rows the detector verified, from their bytes, and leaves the rest
     save = workdir / "tiny-gemma3-repaired"
     succeeds(run_script("tokens.py", "repair", model, f"--out_dir={out_dir}", "--method=soft", f"--save={save}", cwd=workdir, env=ONE_THREAD))
