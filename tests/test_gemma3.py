@@ -17,9 +17,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lm import load_lm, load_tokenizer, resolve_model
-from spelling import untrained_rows
+from spelling import token_bytes, untrained_rows
 from untrained import VERIFIED_BELOW, geometry_candidates, named_unused, repeat_probabilities
-from helpers import ONE_THREAD, TINY_TRAIN, assert_own_table_changes_nothing, first_windows, run_script, succeeds
+from helpers import ONE_THREAD, TINY_TRAIN, assert_own_table_changes_nothing, first_windows, run_script, spelled_rows, succeeds
 
 UNUSED = 6242
 
@@ -60,12 +60,15 @@ def test_its_own_table_changes_nothing_when_rows_are_scaled_as_gemma_scales_them
 
 @pytest.fixture(scope="module")
 def tiny_gemma3(tmp_path_factory):
-    """The real Gemma 3 tokenizer on a tiny random tied Gemma3ForCausalLM whose <unusedN> rows are
-    near copies of one row, as in the real one."""
+    """The real Gemma 3 tokenizer on a tiny random tied Gemma3ForCausalLM whose rows are spelled
+    (helpers.spelled_rows) and whose <unusedN> rows are near copies of one row, as in the real one.
+    (On a table of random rows the near copies would be its first principal component, which
+    the indicator removes.)"""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
     folder = tmp_path_factory.mktemp("models") / "tiny-gemma3"
     tokenizer = load_tokenizer(resolve_model("gemma3")[0])
     tokenizer.save_pretrained(folder)
+    tokens, _ = token_bytes(tokenizer)
     torch.manual_seed(0)
     config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                               num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=64,
@@ -75,7 +78,7 @@ def tiny_gemma3(tmp_path_factory):
     reference = named_unused(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
     with torch.no_grad():
         table = lm.get_input_embeddings().weight
-        table.normal_(0.0, 0.3)
+        table[:] = spelled_rows([data for data, _ in tokens], config.hidden_size, seed=0)
         table[reference] = table[reference[0]] + 0.05 * torch.randn(len(reference), config.hidden_size)
     lm.save_pretrained(folder)
     return SimpleNamespace(folder=folder, reference=reference)
