@@ -1,11 +1,15 @@
 """
-Three ways to make an input row for a token, from what is known about it:
-  soft  the byte encoder's prediction from the token's bytes (a checkpoint from train.py)
+Three ways to make an input row for a token from a string (its own spelling, or a name or
+description a user gives it):
+  soft  the byte encoder's prediction from the string's bytes (a checkpoint from train.py)
   mean  the mean of the trained rows (Unsloth's fix_untrained_tokens)
-  fvt   the mean of the rows of the pieces the tokenizer splits the token into when the
+  fvt   the mean of the rows of the pieces the tokenizer splits the string into when the
         token itself is not allowed (fast vocabulary transfer); the mean row if there are none
+and the steps around them that tokens.py and finetune.py share: adding tokens to a model,
+putting their rows in, and reading a file of names.
 """
 import json
+import os
 import re
 
 import numpy as np
@@ -13,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from configurator import UserError
-from spelling import encode_bytes, token_piece, tokenizer_kind
+from spelling import encode_bytes, token_piece, tokenizer_kind, untrained_rows
 from storage import load_encoder
 
 METHODS = ("mean", "fvt", "soft")
@@ -74,3 +78,56 @@ def new_rows(method, byte_strings, table, known, tokenizer, checkpoint):
     if method == "fvt":
         return fvt_rows(byte_strings, table, known, tokenizer)
     return soft_rows(byte_strings, checkpoint)
+
+
+def read_names(path):
+    """A JSON file {token: the string its row is made from}, or one sentence on what is wrong with it."""
+    if not os.path.isfile(path):
+        raise UserError(f"rows_from {path} does not exist; pass a JSON file such as {{\"<unused0>\": \"<python>\"}}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"rows_from {path} is not a JSON file ({e}); write it as {{\"token\": \"the string its row is made from\"}}") from None
+    if not isinstance(names, dict) or not names or not all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in names.items()):
+        raise UserError(f"rows_from {path} must hold one JSON object of non-empty strings, {{\"token\": \"the string its row is made from\"}}")
+    return names
+
+
+def add_tokens(lm, tokenizer, strings, mean_resizing=False):
+    """Add `strings` as normal (not special) tokens matched literally in the raw text, before any
+    normalizer, and grow the LM's tables; the new rows are what transformers gives them (random,
+    or with mean_resizing its samples around the old rows' mean) until set_rows overwrites them.
+    Returns their ids."""
+    from tokenizers import AddedToken
+    tokenizer.add_tokens([AddedToken(s, normalized=False, special=False) for s in strings])
+    ids = torch.tensor(tokenizer.convert_tokens_to_ids(strings))
+    if len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=mean_resizing)
+    for s, token_id in zip(strings, ids.tolist()):
+        encoded = tokenizer(s, add_special_tokens=False)["input_ids"]
+        if encoded != [token_id]:
+            raise UserError(f"after adding {s!r} as token {token_id} the tokenizer still encodes it as {encoded}; nothing was written")
+    return ids
+
+
+def fill_output_rows(lm, vocab_size, ids):
+    """An untied model's output rows `ids` get the mean of its trained output rows (tokens.py
+    says why); in a tied model the one row serves both sides and is left as it is."""
+    head = lm.get_output_embeddings().weight
+    if head is lm.get_input_embeddings().weight or len(ids) == 0:
+        return
+    with torch.no_grad():
+        trained = ~untrained_rows(head[:vocab_size])
+        head[ids] = head[:vocab_size][trained].float().mean(0).to(head.dtype)
+
+
+def set_rows(lm, ids, rows, vocab_size, added):
+    """Input rows `rows` for tokens `ids`. The output rows of added tokens, and of repurposed ones
+    that were never trained, are made by fill_output_rows; a repurposed token's trained output
+    row keeps what it knows."""
+    embed = lm.get_input_embeddings().weight
+    with torch.no_grad():
+        embed[ids] = rows.to(embed.dtype)
+    head = lm.get_output_embeddings().weight
+    fill_output_rows(lm, vocab_size, ids if added else ids[untrained_rows(head.detach()[:vocab_size])[ids].to(ids.device)])

@@ -85,6 +85,13 @@ def token_piece(data, kind):
         return None
 
 
+def vocab_id(vocab, kind, s):
+    """The id of the token spelled `s`, as written or in the vocabulary's own piece form
+    (" word" is "Ġword" in byte-level BPE, "▁word" in SentencePiece), or None."""
+    piece = token_piece(s.encode("utf-8"), kind)
+    return vocab.get(s, vocab.get(piece) if piece is not None else None)
+
+
 def encode_bytes(byte_strings, block_size=None):
     """[start] bytes [end] then pad, as a uint16 array [N, block]; the block grows to fit."""
     longest = max(len(b) for b in byte_strings) + 2

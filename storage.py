@@ -88,6 +88,12 @@ def data_identity(data):
             "data_sha256": data.meta["data_sha256"]}
 
 
+def untrained_in(data):
+    """The rows prepare's detector flagged untrained, as a [V] bool mask (on a tied table its
+    verdict took the LM minutes, so it is read, not made again)."""
+    return torch.tensor(["untrained" in t["flags"] for t in data.meta["tokens"]])
+
+
 def check_lm_table(lm_table, data, model):
     """The LM loaded now must have the input table the data was prepared from (in the dtype it
     was loaded in), or every comparison with it is void."""
@@ -122,6 +128,15 @@ def write_text_file(path, text):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     atomic_write(path, write)
+
+
+def save_model_folder(lm, tokenizer, folder):
+    """The model and its tokenizer as one folder stock transformers loads, written whole or not at all."""
+    def write(tmp):
+        os.remove(tmp)  # atomic_write made a file; the model needs a folder in its place
+        lm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    atomic_write(folder, write)
 
 
 def check_writable(folder):

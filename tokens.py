@@ -1,12 +1,17 @@
 """
 Embed what the LM never learned. Find the rows of its input table that were never trained,
-fill them, or add new tokens, each row made by one of filling.py's methods (soft, mean, fvt).
+fill them, add new tokens, or repurpose existing ones, each row made by one of filling.py's
+methods (soft, mean, fvt) from the token's own spelling or from a string the user gives it
+(rows_from: a JSON file {token: string}, say {"<unused0>": "<python>"} to use Gemma's unused
+row 0 as a <python> tag; the tokenizer keeps calling it <unused0>).
 `compare` measures the three on tokens whose true rows are known: the held-out tokens of the
 prepared data, which the encoder never saw.
 
 $ python tokens.py detect --model=mistralai/Mistral-7B-v0.1
 $ python tokens.py repair --model=mistralai/Mistral-7B-v0.1 --out_dir=out-mistral --method=soft --save=mistral-repaired
 $ python tokens.py add --model=smollm2 --out_dir=out-smollm2 --method=soft --save=smollm2-plus --tokens " zorblax" "<|tool|>"
+$ python tokens.py add --model=smollm2 --out_dir=out-smollm2 --rows_from=descriptions.json --save=smollm2-plus
+$ python tokens.py repurpose --model=gemma3 --out_dir=out-gemma3 --rows_from=tags.json --save=gemma3-tags
 $ python tokens.py compare --model=smollm2 --out_dir=out-smollm2
 
 The encoder predicts input rows only. An untied model's output rows answer another question
@@ -34,19 +39,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import UserError, check, configure, pick_device
-from filling import METHODS, new_rows
+from filling import METHODS, add_tokens, fill_output_rows, new_rows, read_names, set_rows
 from lm import is_tied, load_lm, load_tokenizer, perplexity, read_input_embeddings, resolve_model, scoring_texts
 from splice import read_predicted_table, splice_rows
-from spelling import token_bytes, token_piece, untrained_rows
-from storage import atomic_write, check_lm_table, data_identity, load_checkpoint, load_data
+from spelling import token_bytes, untrained_rows, vocab_id
+from storage import check_lm_table, data_identity, load_checkpoint, load_data, save_model_folder, untrained_in
 from untrained import VERIFIED_BELOW, find_untrained
 
-COMMANDS = ("detect", "repair", "add", "compare")
+COMMANDS = ("detect", "repair", "add", "repurpose", "compare")
 model = "smollm2"  # hub id, local folder, or "smollm2"
 out_dir = "out-smollm2"  # holds the checkpoints (needed by soft) and new_embeddings.safetensors (needed by compare)
 checkpoint = "auto"  # soft, compare: regression (train.py's ckpt.pt), e2e (train_e2e.py's e2e.pt), or auto: the last stage that ran
-method = "soft"  # repair, add: mean, fvt or soft
-save = ""  # repair, add: a new folder for the model and tokenizer
+method = "soft"  # repair, add, repurpose: mean, fvt or soft
+save = ""  # repair, add, repurpose: a new folder for the model and tokenizer
+rows_from = ""  # add, repurpose: a JSON file {token: the string its row is made from}; add's --tokens use their own spelling
 text_file = ""  # compare: text for perplexity; empty: the two evaluation texts from Python's documentation
 eval_tokens = 2048  # compare: perplexity over the first this many tokens of each text
 context = 512  # compare: a text is scored in windows of this many tokens
@@ -65,10 +71,14 @@ if "--tokens" in settings:
 configure(globals(), settings)
 if method not in METHODS:
     raise UserError(f"method={method!r} is not known; use one of {', '.join(METHODS)}")
-if command in ("repair", "add") and not save:
+if command in ("repair", "add", "repurpose") and not save:
     raise UserError(f"{command} writes a new model folder: pass --save=FOLDER")
-if command == "add" and not new_strings:
-    raise UserError('add needs the strings to add after --tokens, e.g. --tokens " zorblax" "<|tool|>"')
+if command == "add" and not new_strings and not rows_from:
+    raise UserError('add needs the strings to add after --tokens, e.g. --tokens " zorblax" "<|tool|>", or a --rows_from=FILE.json')
+if command == "repurpose" and not rows_from:
+    raise UserError('repurpose needs --rows_from=FILE.json, e.g. a file holding {"<unused0>": "<python>"}')
+if rows_from and command not in ("add", "repurpose"):
+    raise UserError("--rows_from is only for the add and repurpose commands")
 if command != "add" and new_strings:
     raise UserError("--tokens is only for the add command")
 for key in ("eval_tokens", "context"):
@@ -78,27 +88,9 @@ for key in ("eval_tokens", "context"):
 # -----------------------------------------------------------------------------
 # writing the model
 
-def fill_output_rows(lm, vocab_size, ids):
-    """An untied model's output rows `ids` get the mean of its trained output rows (see the top)."""
-    head = lm.get_output_embeddings().weight
-    if head is lm.get_input_embeddings().weight or len(ids) == 0:
-        return
-    with torch.no_grad():
-        trained = ~untrained_rows(head[:vocab_size])
-        head[ids] = head[:vocab_size][trained].float().mean(0).to(head.dtype)
-
-
 def check_new_folder(save):
     if os.path.exists(save):
         raise UserError(f"{save} already exists; pass a new folder to --save, the model is never written over")
-
-
-def save_folder(lm, tokenizer, save):
-    def write(tmp):
-        os.remove(tmp)  # atomic_write made a file; the model needs a folder in its place
-        lm.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    atomic_write(save, write)
 
 
 def describe(tokens, tokenizer, token_id):
@@ -174,22 +166,29 @@ def detect():
             print(f"{token_id:>8} score {found.scores[token_id]:.3f}  p(repeat) {probability[token_id]:.4f}  {describe(tokens, tokenizer, token_id)}")
 
 
-def repair():
-    check_new_folder(save)
-    # the copy keeps the checkpoint's dtype: a 7B model in bfloat16 stays 14 GB, not 28
+def load_for_rows():
+    """The LM (in the checkpoint's dtype, so a 7B model in bfloat16 stays 14 GB), its tokenizer,
+    its tokens' bytes, its table, the rows the detector trusts, and the encoder where soft needs it."""
     lm, tokenizer = load_lm(model, dtype="auto")
-    tokens, _ = token_bytes(tokenizer)
-    vocab_size = len(tokens)
+    tokens, kind = token_bytes(tokenizer)
     embed = lm.get_input_embeddings().weight
-    table = embed.detach()[:vocab_size].float().clone()
-    dead = find_untrained(model, tokenizer, table, embed is lm.get_output_embeddings().weight, lm).untrained
-    ids = dead.nonzero()[:, 0]
-    if len(ids) == 0:
-        raise UserError(f"the detector finds no untrained input rows in {model} (python tokens.py detect says why); there is nothing to repair")
+    table = embed.detach()[:len(tokens)].float().clone()
+    known = ~find_untrained(model, tokenizer, table, embed is lm.get_output_embeddings().weight, lm).untrained
     trained = None
     if method == "soft":
-        trained = load_checkpoint(out_dir, {"model": model, "vocab_size": vocab_size, "dim": table.shape[1]}, checkpoint)
-    rows = new_rows(method, [tokens[i][0] for i in ids], table, ~dead, tokenizer, trained)
+        trained = load_checkpoint(out_dir, {"model": model, "vocab_size": len(tokens), "dim": table.shape[1]}, checkpoint)
+    return lm, tokenizer, tokens, kind, table, known, trained
+
+
+def repair():
+    check_new_folder(save)
+    lm, tokenizer, tokens, _, table, known, trained = load_for_rows()
+    vocab_size = len(tokens)
+    ids = (~known).nonzero()[:, 0]
+    if len(ids) == 0:
+        raise UserError(f"the detector finds no untrained input rows in {model} (python tokens.py detect says why); there is nothing to repair")
+    rows = new_rows(method, [tokens[i][0] for i in ids], table, known, tokenizer, trained)
+    embed = lm.get_input_embeddings().weight
     with torch.no_grad():
         embed[ids] = rows.to(embed.dtype)
     # an untied head may have untrained rows of its own (Llama 3's reserved tokens are zero on both sides)
@@ -198,51 +197,50 @@ def repair():
     fill_output_rows(lm, vocab_size, dead_out)
     print(f"filled {len(ids)} untrained input rows by {method}" +
           ("" if head is embed else f" and {len(dead_out)} untrained output rows by the trained output rows' mean"))
-    show_nearest(rows, table, ~dead, tokens, tokenizer, ids)
-    save_folder(lm, tokenizer, save)
+    show_nearest(rows, table, known, tokens, tokenizer, ids)
+    save_model_folder(lm, tokenizer, save)
     print(f"wrote {save}")
 
 
 def add():
-    from tokenizers import AddedToken
     check_new_folder(save)
-    strings = new_strings
-    if any(not s for s in strings) or len(set(strings)) != len(strings):
+    names = {s: s for s in new_strings} | (read_names(rows_from) if rows_from else {})
+    strings = list(names)
+    if any(not s for s in new_strings) or len(set(new_strings)) != len(new_strings):
         raise UserError("--tokens must be distinct, non-empty strings")
-    lm, tokenizer = load_lm(model, dtype="auto")  # keeps the checkpoint's dtype, as repair does
-    tokens, kind = token_bytes(tokenizer)
+    lm, tokenizer, tokens, kind, table, known, trained = load_for_rows()
     vocab_size = len(tokens)
     vocab = tokenizer.get_vocab()
     for s in strings:
-        existing = vocab.get(s, vocab.get(token_piece(s.encode("utf-8"), kind)))
-        if existing is not None:
-            raise UserError(f"{s!r} is already token {existing} of {model}; add only strings that are not tokens yet")
-    embed = lm.get_input_embeddings().weight
-    table = embed.detach()[:vocab_size].float().clone()
-    known = ~find_untrained(model, tokenizer, table, embed is lm.get_output_embeddings().weight, lm).untrained
-    trained = None
-    if method == "soft":
-        trained = load_checkpoint(out_dir, {"model": model, "vocab_size": vocab_size, "dim": table.shape[1]}, checkpoint)
-    rows = new_rows(method, [s.encode("utf-8") for s in strings], table, known, tokenizer, trained)
-
-    # matched on the raw text, before any normalizer, so the string is found exactly as given
-    tokenizer.add_tokens([AddedToken(s, normalized=False, special=False) for s in strings])
-    ids = torch.tensor(tokenizer.convert_tokens_to_ids(strings))
-    if len(tokenizer) > embed.shape[0]:
-        # mean_resizing would spend time on a covariance for rows that are overwritten next
-        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        embed = lm.get_input_embeddings().weight  # a new, longer tensor
-    with torch.no_grad():
-        embed[ids] = rows.to(embed.dtype)
-    fill_output_rows(lm, vocab_size, ids)
-    for s, token_id in zip(strings, ids.tolist()):
-        encoded = tokenizer(s, add_special_tokens=False)["input_ids"]
-        if encoded != [token_id]:
-            raise UserError(f"after adding {s!r} as token {token_id} the tokenizer still encodes it as {encoded}; nothing was written")
+        if vocab_id(vocab, kind, s) is not None:
+            raise UserError(f"{s!r} is already token {vocab_id(vocab, kind, s)} of {model}; add only strings that are not tokens yet "
+                            f"(tokens.py repurpose gives an existing token a row from a new name)")
+    rows = new_rows(method, [names[s].encode("utf-8") for s in strings], table, known, tokenizer, trained)
+    # mean_resizing would spend time on a covariance for rows that are overwritten next
+    ids = add_tokens(lm, tokenizer, strings, mean_resizing=False)
+    set_rows(lm, ids, rows, vocab_size, added=True)
     print(f"added {len(strings)} tokens to {model} ({vocab_size} -> {len(tokenizer)}), input rows by {method}")
     tokens += [(s.encode("utf-8"), {"special"}) for s in strings]
     show_nearest(rows, table, known, tokens, tokenizer, ids)
-    save_folder(lm, tokenizer, save)
+    save_model_folder(lm, tokenizer, save)
+    print(f"wrote {save}")
+
+
+def repurpose():
+    check_new_folder(save)
+    names = read_names(rows_from)
+    lm, tokenizer, tokens, kind, table, known, trained = load_for_rows()
+    vocab = tokenizer.get_vocab()
+    missing = [s for s in names if vocab_id(vocab, kind, s) is None]
+    if missing:
+        raise UserError(f"{missing[0]!r} is not a token of {model}; repurpose gives existing tokens new rows (tokens.py add makes new tokens)")
+    ids = torch.tensor([vocab_id(vocab, kind, s) for s in names])
+    known[ids] = False  # a row being replaced is no evidence about the others
+    rows = new_rows(method, [name.encode("utf-8") for name in names.values()], table, known, tokenizer, trained)
+    set_rows(lm, ids, rows, len(tokens), added=False)
+    print(f"gave {len(ids)} tokens of {model} input rows by {method} from their new names")
+    show_nearest(rows, table, known, tokens, tokenizer, ids)
+    save_model_folder(lm, tokenizer, save)
     print(f"wrote {save}")
 
 
@@ -269,8 +267,7 @@ def compare():
     texts = scoring_texts(text_file)
     lm, tokenizer = load_lm(model, device=pick_device(device))
     check_lm_table(lm.get_input_embeddings().weight, data, model)
-    # the detector's verdict, as prepare recorded it (on a tied table it took the LM minutes)
-    known = ~torch.tensor(["untrained" in t["flags"] for t in data.meta["tokens"]])
+    known = ~untrained_in(data)
     known[held] = False
     spelled = [bytes.fromhex(data.meta["tokens"][i]["bytes"]) for i in held.tolist()]
     rows = {"true": table[held], **{name: new_rows(name, spelled, table, known, tokenizer, None) for name in ("mean", "fvt")},
@@ -319,4 +316,4 @@ def compare():
           (", which in this tied LM are the LM head; in the last columns the filled row is the token's output row too" if tied else ""))
 
 
-{"detect": detect, "repair": repair, "add": add, "compare": compare}[command]()
+{"detect": detect, "repair": repair, "add": add, "repurpose": repurpose, "compare": compare}[command]()
