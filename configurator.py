@@ -32,7 +32,7 @@ def _one_sentence(kind, error, tb):
 sys.excepthook = _one_sentence
 
 # the scripts that read config files; a key none of them declares is a typo, not another script's option
-SCRIPTS = ("prepare_mistral_data.py", "train.py", "train_e2e.py", "evaluate.py", "test_mistral.py", "tokens.py", "bench.py")
+SCRIPTS = ("prepare_mistral_data.py", "train.py", "train_e2e.py", "evaluate.py", "test_mistral.py", "tokens.py", "bench.py", "finetune.py")
 
 
 def declared_options():

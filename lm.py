@@ -8,6 +8,7 @@ import inspect
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 
@@ -230,6 +231,29 @@ def evaluation_texts():
     import pydoc_data.topics
     topics = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
     return {"pydoc topics": topics, f"docstrings of {', '.join(EVAL_MODULES)}": docstrings(EVAL_MODULES)}
+
+
+# The fine-tuning text (finetune.py) is a third text, read by nothing else: numpy's reference
+# documentation, the docstring of every public function, ufunc and class of its main modules
+FINETUNE_MODULES = ["numpy", "numpy.linalg", "numpy.fft", "numpy.random", "numpy.ma", "numpy.polynomial", "numpy.strings", "numpy.char"]
+
+
+def finetune_text(code_tags=False):
+    """numpy's docstrings, each object once, in a fixed order (they differ between numpy versions,
+    so finetune.py records the text's hash). With code_tags, every doctest example (a run of lines
+    from one that starts with >>> to the next blank line) stands between the lines <code> and </code>."""
+    seen, docs = set(), []
+    for name in FINETUNE_MODULES:
+        module = importlib.import_module(name)
+        for attr in sorted(vars(module)):
+            obj = getattr(module, attr)
+            if attr.startswith("_") or not callable(obj) or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            doc = inspect.getdoc(obj)
+            if doc:
+                docs.append(re.sub(r"(?m)^([ \t]*>>>.*(?:\n.*\S.*)*)", "<code>\n\\1\n</code>", doc) if code_tags else doc)
+    return docs
 
 
 def read_text_file(path):

@@ -1,0 +1,316 @@
+"""
+Does a token's first row matter once fine-tuning starts? finetune.py gives the same tokens rows
+by several methods and fine-tunes one copy of the LM per method, the same way (same batches in
+the same order, same seed), on a text that uses them. It logs the loss on the whole text and at
+the new tokens (positions where a new token is read or predicted), on the training part and on
+a held-out part (every tenth document), for two settings: only the new tokens' rows train, or
+the whole model does.
+
+$ python finetune.py --model=smollm2 --out_dir=out-smollm2                  # 300 new words of numpy's docs
+$ python finetune.py config/finetune_gemma3_tags.py                          # Gemma's <unused1/2> as code tags
+
+Methods: soft (the encoder's row from the token's name, a checkpoint in out_dir), fvt and mean
+(filling.py), and, for added tokens, what transformers' resize_token_embeddings gives without
+help: random (normal, std initializer_range) and mean_resizing (samples around the mean of all
+old rows, after Hewitt 2021); for repurposed tokens, shipped (the rows as the model ships them).
+The tokens: new_words adds the training part's most frequent words that the tokenizer splits
+into pieces (each its own spelling); rows_from names them (JSON {token: name}): a token the
+vocabulary has is repurposed (its row is made from the name, and the name, where the text
+writes it, is read as the token: "<code>" becomes <unused1>), any other is added.
+Writes out_dir/NAME.json (every curve, and what it came from) and out_dir/NAME.png.
+"""
+import collections
+import hashlib
+import json
+import os
+import re
+import time
+
+import matplotlib
+matplotlib.use("Agg")  # plots go to PNG files; no display needed
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from configurator import UserError, check, configure, pick_device
+from filling import add_tokens, new_rows, read_names, set_rows
+from lm import finetune_text, load_lm, load_tokenizer, read_text_file, resolve_model
+from spelling import tokenizer_kind, vocab_id
+from storage import atomic_write, check_lm_table, checkpoint_source, load_checkpoint, load_data, save_model_folder, untrained_in, write_text_file
+
+model = "smollm2"  # hub id, local folder, or "smollm2"; its data must be prepared (prepare_mistral_data.py)
+out_dir = "out-smollm2"  # the encoder checkpoint soft reads; NAME.json and NAME.png are written here
+checkpoint = "auto"  # regression, e2e, or auto: the last stage that ran
+name = "finetune"  # out_dir/NAME.json and out_dir/NAME.png
+text_file = ""  # UTF-8 text, documents separated by blank lines; empty: numpy's documentation (lm.finetune_text)
+code_tags = False  # the default text with every doctest example between lines <code> and </code>
+new_words = 300  # add the training part's most frequent words (" word", space included) that the tokenizer splits in pieces
+rows_from = ""  # instead: a JSON file {token: name}; a token the vocabulary has is repurposed, any other added
+methods = "soft,fvt,mean,mean_resizing,random"  # for repurposed tokens: shipped instead of mean_resizing, random
+train_params = "new_rows,all"  # new_rows: only the new tokens' rows (input and output) train; all: the whole model
+steps = 20  # optimizer steps per method and setting (20 x 4 x 128 tokens: about 17 minutes for 5 methods x 2 settings on 2 CPU cores)
+batch_size = 4  # windows per step
+context = 128  # tokens per window
+learning_rate = 1e-3  # new_rows: Adam on the rows alone
+learning_rate_all = 5e-5  # all: the usual full fine-tuning rate
+eval_interval = 4  # steps between evaluations
+eval_windows = 8  # windows of each part evaluated, drawn once among those that hold a new token (the same for every method)
+held_out_every = 10  # every this many-th document is held out
+seed = 0
+save_models = False  # also write every fine-tuned model to out_dir/NAME-models/SETTING-METHOD (a folder stock transformers loads)
+device = "auto"  # auto: cuda, then mps, then cpu
+configure(globals())
+for key in ("steps", "batch_size", "eval_interval", "eval_windows"):
+    check(globals(), key, 1)
+check(globals(), "context", 8)
+check(globals(), "held_out_every", 2)
+check(globals(), "new_words", 0)
+check(globals(), "learning_rate", 0, low_open=True)
+check(globals(), "learning_rate_all", 0, low_open=True)
+METHODS = ("soft", "fvt", "mean", "mean_resizing", "random", "shipped")
+method_list = [m for m in methods.split(",") if m]
+settings = [s for s in train_params.split(",") if s]
+if not method_list or set(method_list) - set(METHODS) or len(set(method_list)) != len(method_list):
+    raise UserError(f"methods={methods!r}: give distinct names from {', '.join(METHODS)}, separated by commas")
+if not settings or set(settings) - {"new_rows", "all"} or len(set(settings)) != len(settings):
+    raise UserError(f"train_params={train_params!r}: give new_rows, all, or new_rows,all")
+if not rows_from and not new_words:
+    raise UserError("no tokens to fine-tune: set new_words above 0 or pass --rows_from=FILE.json")
+dev = pick_device(device)
+
+
+# -----------------------------------------------------------------------------
+# the text and the tokens
+
+def frequent_words(docs, tokenizer, kind, count):
+    """The `count` most frequent words (" word") of `docs` that are no token yet but several pieces."""
+    vocab = tokenizer.get_vocab()
+    words = collections.Counter(w for doc in docs for w in re.findall(r" [A-Za-z]+", doc))
+    chosen = []
+    for word, _ in words.most_common():
+        if len(chosen) == count:
+            break
+        if vocab_id(vocab, kind, word) is None and len(tokenizer(word, add_special_tokens=False)["input_ids"]) > 1:
+            chosen.append(word)
+    if len(chosen) < count:
+        raise UserError(f"the text has only {len(chosen)} words that the tokenizer splits; lower new_words to at most that")
+    return chosen
+
+
+docs = [d for d in re.split(r"\n\s*\n", read_text_file(text_file)) if d.strip()] if text_file else finetune_text(code_tags)
+if len(docs) < held_out_every:
+    raise UserError(f"the text has {len(docs)} documents (separated by blank lines); a held-out part needs at least held_out_every={held_out_every}")
+parts = {"train": [d for i, d in enumerate(docs) if (i + 1) % held_out_every],
+         "held_out": docs[held_out_every - 1::held_out_every]}
+data = load_data(model)
+folder, revision = resolve_model(model)
+tokenizer = load_tokenizer(folder)
+kind = tokenizer_kind(tokenizer)
+vocab = tokenizer.get_vocab()
+names = read_names(rows_from) if rows_from else {w: w for w in frequent_words(parts["train"], tokenizer, kind, new_words)}
+repurposed = {token: vocab_id(vocab, kind, token) for token in names if vocab_id(vocab, kind, token) is not None}
+added = [token for token in names if token not in repurposed]
+if repurposed and set(method_list) & {"random", "mean_resizing"}:
+    raise UserError("random and mean_resizing are what resizing gives added tokens; for repurposed tokens compare shipped, mean, fvt, soft")
+if added and "shipped" in method_list:
+    raise UserError(f"shipped is for repurposed tokens, but {added[0]!r} is not a token of {model} yet; use random or mean_resizing")
+for token in repurposed:  # the text writes a repurposed token by its name
+    parts = {part: [d.replace(names[token], token) for d in part_docs] for part, part_docs in parts.items()}
+
+# every method's rows come from the same evidence: the table's rows the detector trusts, minus the tokens being given new rows
+table, vocab_size = data.table, data.meta["vocab_size"]
+known = ~untrained_in(data)
+known[list(repurposed.values())] = False
+encoder = load_checkpoint(out_dir, {"model": model, "vocab_size": vocab_size, "dim": table.shape[1]}, checkpoint) if "soft" in method_list else None
+order_of_ids = list(repurposed) + added  # the order make_model gives the ids in
+spelled = [names[token].encode("utf-8") for token in order_of_ids]
+rows = {m: new_rows(m, spelled, table, known, tokenizer, encoder) for m in method_list if m in ("soft", "fvt", "mean")}
+
+
+def make_model(method):
+    """A fresh copy of the LM with the tokens added or repurposed and their rows set by `method`;
+    random draws come from `seed` every time, so each setting gets the same rows."""
+    torch.manual_seed(seed)
+    lm, tok = load_lm(model, device=dev)
+    check_lm_table(lm.get_input_embeddings().weight, data, model)
+    ids = list(repurposed.values())
+    if added:
+        # as tokens.py add makes them: matched anywhere, so " ufunc" is also the start of " ufuncs"
+        ids += add_tokens(lm, tok, added, mean_resizing=method == "mean_resizing").tolist()
+    ids = torch.tensor(ids)
+    if method in rows:
+        n = len(repurposed)
+        set_rows(lm, ids[:n].to(dev), rows[method][:n], vocab_size, added=False)
+        set_rows(lm, ids[n:].to(dev), rows[method][n:], vocab_size, added=True)
+    return lm, tok, ids
+
+
+def windows_of(ids, bos):
+    """The token stream cut into windows of `context` tokens, each led by BOS where the tokenizer adds one."""
+    step = context - (bos is not None)
+    cut = torch.tensor(ids[:len(ids) // step * step]).view(-1, step)
+    return cut if bos is None else torch.cat([torch.full((len(cut), 1), bos), cut], 1)
+
+
+first_lm, first_tokenizer, new_ids = make_model(method_list[0])
+bos = first_tokenizer.bos_token_id if first_tokenizer("a")["input_ids"][0] == first_tokenizer.bos_token_id else None
+windows = {part: windows_of(first_tokenizer("\n\n".join(part_docs), add_special_tokens=False, verbose=False)["input_ids"], bos)
+           for part, part_docs in parts.items()}
+del first_lm
+generator = torch.Generator().manual_seed(seed)
+order = torch.randperm(len(windows["train"]), generator=generator)
+if steps * batch_size > len(order):
+    raise UserError(f"{steps} steps of {batch_size} windows need {steps * batch_size} windows but the training part has {len(order)}; "
+                    f"lower steps or batch_size, or use a longer text")
+counts = {part: int(torch.isin(w, new_ids).sum()) for part, w in windows.items()}
+evaluated = {}
+for part, w in windows.items():
+    holding = torch.isin(w, new_ids).any(1).nonzero()[:, 0]
+    if len(holding) < eval_windows:
+        raise UserError(f"only {len(holding)} windows of the {part.replace('_', '-')} part hold a new token; lower eval_windows or use a text that uses the tokens more")
+    evaluated[part] = w[holding[torch.randperm(len(holding), generator=generator)[:eval_windows]]]
+print(f"{model}: {len(names)} tokens ({len(added)} added, {len(repurposed)} repurposed), e.g. " +
+      ", ".join(f"{t!r}" + (f" as {names[t]!r}" if names[t] != t else "") for t in list(names)[:6]))
+print(f"text: {len(docs)} documents; training part {windows['train'].numel()} tokens ({counts['train']} new), "
+      f"held-out part {windows['held_out'].numel()} tokens ({counts['held_out']} new); windows of {context}")
+
+
+# -----------------------------------------------------------------------------
+# fine-tuning
+
+def token_losses(lm, batch):
+    """The loss of every predicted token of `batch`, and where a new token is read or predicted."""
+    batch = batch.to(dev)
+    logits = lm(input_ids=batch[:, :-1]).logits.float()
+    loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+    new = (torch.isin(batch[:, 1:], new_ids.to(dev)) | torch.isin(batch[:, :-1], new_ids.to(dev))).flatten()
+    return loss, new
+
+
+@torch.no_grad()
+def evaluate(lm):
+    lm.eval()
+    result = {}
+    for part, w in evaluated.items():
+        pairs = [token_losses(lm, w[i:i + batch_size]) for i in range(0, len(w), batch_size)]
+        loss, new = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+        result[part] = {"all": loss.mean().item(), "new": loss[new].mean().item()}
+    lm.train()
+    return result
+
+
+def trainable(lm, setting):
+    """The parameters an optimizer steps. new_rows: the input (and an untied model's output) table
+    only, its gradient masked to the new tokens' rows, so Adam leaves every other row exactly as it was."""
+    if setting == "all":
+        return list(lm.parameters()), learning_rate_all
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    tables = {id(t): t for t in (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight)}.values()
+    mask = torch.zeros(lm.get_input_embeddings().weight.shape[0], 1, device=dev)
+    mask[new_ids] = 1.0
+    for t in tables:
+        t.requires_grad_(True)
+        t.register_hook(lambda grad: grad * mask.to(grad.dtype))
+    return list(tables), learning_rate
+
+
+def fine_tune(method, setting):
+    lm, tok, _ = make_model(method)
+    lm.train()
+    params, lr = trainable(lm, setting)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # no decay: rows that do not train stay as they are
+    curve = {"step": [], "train": {"all": [], "new": []}, "held_out": {"all": [], "new": []}, "step_loss": []}
+    started = time.time()
+    for step in tqdm(range(steps + 1), desc=f"{setting} {method}", dynamic_ncols=True, mininterval=10):
+        if step % eval_interval == 0 or step == steps:
+            result = evaluate(lm)
+            curve["step"].append(step)
+            for part in result:
+                for metric in result[part]:
+                    curve[part][metric].append(result[part][metric])
+            tqdm.write(f"{setting:>8} {method:<13} step {step:>4}: train {result['train']['all']:.4f} (new {result['train']['new']:.4f}), "
+                       f"held-out {result['held_out']['all']:.4f} (new {result['held_out']['new']:.4f})")
+        if step == steps:
+            break
+        loss = token_losses(lm, windows["train"][order[step * batch_size:(step + 1) * batch_size]])[0].mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        curve["step_loss"].append(loss.item())
+    curve["seconds"] = time.time() - started
+    if save_models:
+        save_model_folder(lm, tok, os.path.join(out_dir, f"{name}-models", f"{setting}-{method}"))
+    return curve
+
+
+runs = {setting: {} for setting in settings}
+for setting in settings:
+    for method in method_list:
+        runs[setting][method] = fine_tune(method, setting)
+
+
+# -----------------------------------------------------------------------------
+# the report: a table per setting, the JSON and the plot
+
+def reached(setting, part, metric):
+    """Per method: the first evaluated step at which its loss is at most the loss mean ends at."""
+    target = runs[setting]["mean"][part][metric][-1]
+    return {m: next((s for s, v in zip(c["step"], c[part][metric]) if v <= target), None) for m, c in runs[setting].items()}
+
+
+summary = {}
+for setting in settings:
+    print(f"\n{setting}: {steps} steps of {batch_size} x {context} tokens; loss on {eval_windows} windows of each part "
+          f"(all tokens / where a new token is read or predicted)" + ("; 'reaches mean': first evaluated step at most mean's final loss" if "mean" in method_list else ""))
+    columns = ["method"] + [f"{part} {metric}, step {when}" for part in ("train", "held_out") for metric in ("all", "new") for when in (0, steps)]
+    summary[setting] = {}
+    steps_to_mean = {(part, metric): reached(setting, part, metric) for part in ("train", "held_out") for metric in ("all", "new")} if "mean" in method_list else {}
+    print("| method | " + " | ".join(f"{part} {metric}: step 0, step {steps}" + (", reaches mean" if steps_to_mean else "")
+                                      for part in ("train", "held_out") for metric in ("all", "new")) + " | seconds |")
+    print("|---|" + "---:|" * 5)
+    for method, curve in runs[setting].items():
+        cells = []
+        for part in ("train", "held_out"):
+            for metric in ("all", "new"):
+                values = curve[part][metric]
+                cell = f"{values[0]:.3f}, {values[-1]:.3f}"
+                if steps_to_mean:
+                    at = steps_to_mean[(part, metric)][method]
+                    cell += f", {at if at is not None else 'no'}"
+                cells.append(cell)
+        summary[setting][method] = {f"{part}_{metric}_reaches_mean": steps_to_mean[(part, metric)][method] for part, metric in steps_to_mean}
+        print(f"| {method} | " + " | ".join(cells) + f" | {curve['seconds']:.0f} |")
+
+text_hash = hashlib.sha256("\n\n".join(docs).encode("utf-8")).hexdigest()
+report = {
+    "model": model, "revision": revision, "table_sha256": data.meta["table_sha256"],
+    "text": {"source": text_file or f"lm.finetune_text(code_tags={code_tags})", "sha256": text_hash, "documents": len(docs),
+             "held_out_every": held_out_every, "tokens": {part: w.numel() for part, w in windows.items()}, "new_tokens": counts},
+    "tokens": [{"token": t, "name": names[t], "id": int(i), "repurposed": t in repurposed} for t, i in zip(order_of_ids, new_ids.tolist())],
+    "encoder": checkpoint_source(encoder, out_dir) if encoder is not None else None,
+    "settings": {k: globals()[k] for k in ("steps", "batch_size", "context", "learning_rate", "learning_rate_all", "eval_interval",
+                                           "eval_windows", "seed", "methods", "train_params", "new_words", "rows_from", "code_tags")},
+    "runs": runs, "steps_to_mean": summary,
+}
+os.makedirs(out_dir, exist_ok=True)
+json_path, png_path = os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.png")
+write_text_file(json_path, json.dumps(report, indent=1))
+
+fig, axes = plt.subplots(len(settings), 4, figsize=(18, 4 * len(settings)), squeeze=False)
+for r, setting in enumerate(settings):
+    for c, (part, metric) in enumerate((p, m) for m in ("all", "new") for p in ("train", "held_out")):
+        ax = axes[r][c]
+        for method, curve in runs[setting].items():
+            ax.plot(curve["step"], curve[part][metric], marker=".", label=method)
+        ax.set_title(f"{setting}: {part.replace('_', '-')}, {'all tokens' if metric == 'all' else 'at the new tokens'}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    axes[r][0].legend()
+fig.suptitle(f"{model}: fine-tuning with {len(names)} new tokens' rows by each method", fontsize=11)
+fig.tight_layout()
+atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+plt.close(fig)
+print(f"\nwrote {json_path} and {png_path}")
