@@ -2,10 +2,10 @@
 Gemma 3 270M, the real SentencePiece LM from PyPI (model=gemma3): its 6,242 <unusedN> rows have
 ordinary norms, so the detector reads the tied table's geometry and asks the LM to repeat each
 candidate; its embedding layer scales rows by sqrt(640), so rows handed over as inputs_embeds
-must be scaled too. The pipeline (prepare, train, train_e2e, evaluate, repair) runs on a tiny
-Gemma3ForCausalLM around the real tokenizer (the real model would take most of the suite's
-time; `make demo CONFIG=config/gemma3_cpu.py` runs it, and test_mistral.py's splice of it is
-the identity test here).
+must be scaled too. prepare, train and repair run on a tiny Gemma3ForCausalLM around the real
+tokenizer (the real model would take most of the suite's time; `make demo
+CONFIG=config/gemma3_cpu.py` runs it). The other stages are Gemma's only through the scale,
+which the identity test here checks in-process: the e2e loss of Gemma's own rows is zero.
 """
 import json
 import re
@@ -96,10 +96,6 @@ def test_the_pipeline_runs_on_gemma_and_leaves_the_unused_rows_out(tiny_gemma3, 
     used = set(np.load(data / "train_ids.npy").tolist()) | set(np.load(data / "select_ids.npy").tolist()) | set(np.load(data / "val_ids.npy").tolist())
     assert not used & untrained and meta["tokenizer_kind"] == "sentencepiece" and meta["vocab_size"] == 262144
     succeeds(run_script("train.py", model, f"--out_dir={out_dir}", *TINY_TRAIN, "--max_iters=10", "--eval_interval=10", cwd=workdir, env=ONE_THREAD))
-    succeeds(run_script("train_e2e.py", model, f"--out_dir={out_dir}", "--e2e_seconds=1", "--e2e_context=32", cwd=workdir, env=ONE_THREAD))
-    succeeds(run_script("evaluate.py", model, f"--out_dir={out_dir}", "--top1_rows=2048", cwd=workdir, env=ONE_THREAD))
-    report = json.loads((out_dir / "eval.json").read_text())
-    assert report["stage"] == "e2e" and report["groups"]["untrained"]["count"] == len(untrained)
     # repair fills exactly the rows the detector verified, from their bytes, and leaves the rest
     save = workdir / "tiny-gemma3-repaired"
     succeeds(run_script("tokens.py", "repair", model, f"--out_dir={out_dir}", "--method=soft", f"--save={save}", cwd=workdir, env=ONE_THREAD))
