@@ -78,6 +78,10 @@ if not settings or set(settings) - {"new_rows", "all"} or len(set(settings)) != 
 if not rows_from and not new_words:
     raise UserError("no tokens to fine-tune: set new_words above 0 or pass --rows_from=FILE.json")
 dev = pick_device(device)
+models_dir = os.path.join(out_dir, f"{name}-models")
+if save_models and os.path.exists(models_dir):
+    # found only after all the fine-tuning, it would cost the run: refuse before it starts
+    raise UserError(f"{models_dir} already exists; pass another --name or remove it, the models are never written over")
 
 
 # -----------------------------------------------------------------------------
@@ -241,7 +245,7 @@ def fine_tune(method, setting):
         curve["step_loss"].append(loss.item())
     curve["seconds"] = time.time() - started
     if save_models:
-        save_model_folder(lm, tok, os.path.join(out_dir, f"{name}-models", f"{setting}-{method}"))
+        save_model_folder(lm, tok, os.path.join(models_dir, f"{setting}-{method}"))
     return curve
 
 
