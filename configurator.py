@@ -12,6 +12,7 @@ import os
 import sys
 
 import torch
+from tqdm import tqdm
 
 
 class UserError(Exception):
@@ -115,3 +116,30 @@ def pick_device(device, local_rank=0):
     if device not in ("cpu", "mps") and not device.startswith("cuda"):
         raise UserError(f"device={device!r} is not known; use auto, cpu, cuda or mps")
     return f"cuda:{local_rank}" if device == "cuda" else device
+
+
+class _LineLog:
+    """Where progress bars draw when stderr is a file or a pipe (`make demo > log`): each redraw
+    becomes one line of its own instead of a carriage return over the last, and the prints
+    made before it come out first."""
+
+    def write(self, text):
+        text = text.replace("\r", "").strip()
+        if text:
+            sys.stdout.flush()
+            sys.stderr.write(text + "\n")
+
+    def flush(self):
+        sys.stderr.flush()
+
+
+if not sys.stderr.isatty():
+    # transformers' own bars (loading weights) read this when transformers is first imported, after this module
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar; in a log, one line every 30 seconds (and at the end) instead of ten redraws a second."""
+    if not sys.stderr.isatty():
+        kwargs = {**kwargs, "file": _LineLog(), "mininterval": 30.0, "dynamic_ncols": False, "ncols": 100}
+    return tqdm(iterable, **kwargs)

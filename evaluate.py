@@ -20,9 +20,8 @@ matplotlib.use("Agg")  # plots go to PNG files; no display needed
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from configurator import check, configure, pick_device
+from configurator import check, configure, pick_device, progress
 from metrics import closeness, top1_hits
 from model import PAD
 from splice import PREDICTED_FILE, write_predicted_table
@@ -63,7 +62,7 @@ if 0 < top1_rows < vocab_size:
 table_dev, chunk = table.to(device), 8192
 hits = torch.full((vocab_size,), float("nan"))
 hits[ids] = torch.cat([top1_hits(predicted[chunk_ids].to(device), table_dev, chunk_ids.to(device)).cpu().float()
-                       for chunk_ids in tqdm(ids.split(chunk), desc="top-1", leave=False)])
+                       for chunk_ids in progress(ids.split(chunk), desc="top-1", leave=False)])
 del table_dev
 cosine = F.cosine_similarity(predicted, table, dim=1)
 norm_original, norm_predicted = table.norm(dim=1), predicted.norm(dim=1)

@@ -14,9 +14,8 @@ import re
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from configurator import UserError
+from configurator import UserError, progress
 from spelling import encode_bytes, token_piece, tokenizer_kind, untrained_rows
 from storage import load_encoder
 
@@ -49,7 +48,7 @@ def fvt_rows(byte_strings, table, known, tokenizer):
     bpe = bpe_without(tokenizer, (~known).nonzero()[:, 0])
     mean = table[known].mean(0)
     rows, alone = [], 0
-    for data in tqdm(byte_strings, desc="fvt", leave=False, disable=len(byte_strings) < 1000):
+    for data in progress(byte_strings, desc="fvt", leave=False, disable=len(byte_strings) < 1000):
         piece = token_piece(data, kind)
         # byte fallback can still hand back a banned or untrained row; only known rows count
         pieces = [t.id for t in bpe.tokenize(piece) if known[t.id]] if piece else []

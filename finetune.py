@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configurator import UserError, check, configure, pick_device
+from configurator import UserError, check, configure, pick_device, progress
 from filling import add_tokens, new_rows, read_names, set_rows
 from lm import finetune_text, load_lm, load_tokenizer, read_text_file, resolve_model
 from spelling import tokenizer_kind, vocab_id
@@ -227,7 +227,7 @@ def fine_tune(method, setting):
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # no decay: rows that do not train stay as they are
     curve = {"step": [], "train": {"all": [], "new": []}, "held_out": {"all": [], "new": []}, "step_loss": []}
     started = time.time()
-    for step in tqdm(range(steps + 1), desc=f"{setting} {method}", dynamic_ncols=True, mininterval=10):
+    for step in progress(range(steps + 1), desc=f"{setting} {method}", dynamic_ncols=True, mininterval=10):
         if step % eval_interval == 0 or step == steps:
             result = evaluate(lm)
             curve["step"].append(step)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
+
+from configurator import progress
 
 START, END, PAD = 256, 257, 258  # byte ids are 0..255
 BYTE_VOCAB = 259
@@ -227,7 +228,7 @@ class ByteEncoder(nn.Module):
         device = next(self.parameters()).device
         order = (input_ids != PAD).sum(1).argsort()
         rows = []
-        for start in tqdm(range(0, len(input_ids), batch_size), desc="predicting", leave=False, disable=len(input_ids) < 16 * batch_size):
+        for start in progress(range(0, len(input_ids), batch_size), desc="predicting", leave=False, disable=len(input_ids) < 16 * batch_size):
             rows.append(self(trim_padding(input_ids[order[start:start + batch_size]]).to(device))[0].float().cpu())
         predicted = torch.empty(len(input_ids), self.config.n_out)
         predicted[order] = torch.cat(rows)

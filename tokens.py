@@ -36,9 +36,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from configurator import UserError, check, configure, pick_device
+from configurator import UserError, check, configure, pick_device, progress
 from filling import METHODS, add_tokens, fill_output_rows, new_rows, read_names, set_rows
 from lm import is_tied, load_lm, load_tokenizer, perplexity, read_input_embeddings, resolve_model, scoring_texts
 from splice import read_predicted_table, splice_rows
@@ -284,7 +283,7 @@ def compare():
     # splice_rows gives a tied model a head of its own, so filling the input rows leaves the output
     # side as trained; the "tied" columns then fill the head's rows too, as a tied model would after add
     tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
-    for name in tqdm(rows, desc="perplexity", leave=False):
+    for name in progress(rows, desc="perplexity", leave=False):
         true_in = splice_rows(lm, rows[name], held)
         head = lm.get_output_embeddings().weight
         true_out = head[held].clone()

@@ -17,7 +17,7 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from configurator import UserError, check, configure, pick_device
+from configurator import UserError, check, configure, pick_device, progress
 from metrics import closeness, top1_hits
 from model import PAD, ByteEncoder, ByteEncoderConfig, LossConfig, hub_ids, softmax_negative_ids, trim_padding
 from schedule import batch_order, budget_used, counts_with_rank_prior, get_lr
@@ -249,7 +249,7 @@ if master:
     if init_from == "scratch" and os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
         print(f"note: {out_dir}/ckpt.pt is from an earlier run; this run starts from scratch and its first save replaces it "
               f"(Ctrl-C now and use --init_from=resume or another --out_dir to keep it)")
-bar = tqdm(total=100, initial=round(100 * budget_used(iter_num, train_seconds, max_iters, max_seconds)), unit="%", disable=not master, dynamic_ncols=True)
+bar = progress(total=100, initial=round(100 * budget_used(iter_num, train_seconds, max_iters, max_seconds)), unit="%", disable=not master, dynamic_ncols=True)
 start_iter = iter_num
 batches = epoch_batches()
 samples_in_window, window_start = 0, time.time()
@@ -322,7 +322,7 @@ try:
             bar.update(round(100 * budget_used(iter_num, train_seconds, max_iters, max_seconds)) - bar.n)
             if iter_num % 10 == 0:
                 rate = samples_in_window / (time.time() - window_start)
-                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.1e}", samples_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.1e}", samples_s=f"{rate:.0f}", refresh=False)
                 samples_in_window, window_start = 0, time.time()
 except KeyboardInterrupt:
     bar.close()

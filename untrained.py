@@ -14,7 +14,8 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+
+from configurator import progress
 
 # names tokenizers give the rows they reserve: Gemma's <unused0>, Llama 3's <|reserved_special_token_0|>, T5's <extra_id_0>
 UNUSED_NAME = re.compile(r"<unused\d+>|<\|reserved_special_token_\d+\|>|<extra_id_\d+>")
@@ -56,7 +57,7 @@ def repeat_probabilities(lm, tokenizer, ids, batch_size=256):
     suffix = tokenizer(REPEAT_SUFFIX, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
     cache = lm(input_ids=prefix, use_cache=True).past_key_values
     probabilities = []
-    for batch in tqdm(ids.split(batch_size), desc="repeat after me", leave=False, disable=len(ids) <= batch_size):
+    for batch in progress(ids.split(batch_size), desc="repeat after me", leave=False, disable=len(ids) <= batch_size):
         batch = batch.to(device)
         shared = copy.deepcopy(cache)
         shared.batch_repeat_interleave(len(batch))
