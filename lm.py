@@ -99,6 +99,19 @@ def load_tokenizer(folder):
     return AutoTokenizer.from_pretrained(folder, fix_mistral_regex=False)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(dtype, device):
+    """The `dtype` setting of the scripts that run the LM: auto is bfloat16 on CUDA (a 7B LM in
+    14 GB, and the GPU's fast path), float32 elsewhere."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"dtype={dtype!r} is not known; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 def load_lm(model, dtype=torch.float32, device="cpu"):
     """The full causal LM, float32 on the CPU unless asked otherwise, and its tokenizer."""
     from transformers import AutoModelForCausalLM
@@ -115,6 +128,33 @@ def embed_rows(lm, rows):
     rows = rows.to(embed.weight.dtype)
     scale = getattr(embed, "embed_scale", None)
     return rows if scale is None else rows * scale.to(rows.device, rows.dtype)
+
+
+class _StopForward(Exception):
+    """Raised by hidden_after's hook once it has the layer's output: the rest of the LM never runs."""
+
+
+def hidden_after(lm, layers, **inputs):
+    """The residual stream [B, T, D] after the LM's first `layers` decoder layers, for the
+    same inputs as lm(...). A hook on that layer stops the forward pass there, so the other
+    layers and the vocabulary-wide head cost nothing; any architecture with model.layers works."""
+    blocks = lm.model.layers
+    if not 1 <= layers <= len(blocks):
+        raise UserError(f"the LM has {len(blocks)} decoder layers; pick a number of layers from 1 to {len(blocks)}")
+    captured = []
+
+    def stop(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _StopForward
+
+    hook = blocks[layers - 1].register_forward_hook(stop)
+    try:
+        lm.model(**inputs, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        hook.remove()
+    return captured[0]
 
 
 def is_tied(folder):

@@ -18,7 +18,7 @@ import time
 import torch
 
 from configurator import UserError, check, configure, pick_device
-from lm import load_lm, perplexity, resolve_model, scoring_texts
+from lm import load_lm, perplexity, pick_dtype, resolve_model, scoring_texts
 from splice import read_predicted_table, splice_rows
 from storage import check_lm_table, check_writable, data_identity, load_checkpoint, load_data, write_text_file
 
@@ -37,10 +37,7 @@ for key in ("max_new_tokens", "eval_tokens", "context"):
     check(globals(), key, 1)
 started = time.time()
 dev = pick_device(device)
-dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-if dtype not in dtypes and dtype != "auto":
-    raise UserError(f"dtype={dtype!r} is not known; use auto, {', '.join(dtypes)}")
-torch_dtype = dtypes[dtype] if dtype != "auto" else torch.bfloat16 if dev.startswith("cuda") else torch.float32
+torch_dtype = pick_dtype(dtype, dev)
 
 # check the cheap inputs before loading the LM
 resolve_model(model)

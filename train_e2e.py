@@ -1,7 +1,8 @@
 """
 A second stage after train.py: train the byte encoder end to end through the frozen LM
-(e2e.py: the KL divergence of its next-token distributions on windows of the training text,
-plus train.py's MSE on tokens drawn from the whole vocabulary). It starts from train.py's
+(e2e.py: on windows of the training text, the error of the LM's residual stream after its
+first few layers, then the KL divergence of its next-token distributions, plus train.py's MSE
+on tokens drawn from the whole vocabulary). It starts from train.py's
 out_dir/ckpt.pt, which it never changes, and writes its own out_dir/e2e.pt, saved as it goes:
 Ctrl-C keeps the work, and --e2e_init_from=resume continues it.
 
@@ -16,9 +17,9 @@ import jinja2
 import torch
 from tqdm import tqdm
 
-from configurator import UserError, check, configure, pick_device
+from configurator import UserError, check, configure, pick_device, progress
 from e2e import cut_windows, e2e_loss
-from lm import chat_turns, load_lm, training_text
+from lm import chat_turns, load_lm, pick_dtype, training_text
 from storage import (STAGE_FILES, check_lm_table, claim_out_dir, data_identity, load_checkpoint, load_data, load_encoder,
                      read_checkpoint, save_checkpoint)
 
@@ -31,16 +32,27 @@ e2e_windows = 4  # windows per step
 # has a chat template), so that the rows of the chat markers learn what the LM does with them
 e2e_chat_share = 0.25
 e2e_learning_rate = 1e-4
+e2e_ngram_lr_scale = 30.0  # the n-gram table's learning rate over e2e_learning_rate (SparseAdam); 0: it stays as train.py left it
+# what the LM computes is matched after its first this many decoder layers (e2e.py): a seventh of
+# a full pass of SmolLM2 and no vocabulary-wide head, so four times the steps; 0: its
+# next-token distributions (KL) throughout
+e2e_hidden_layers = 4
+# with e2e_hidden_layers, the last share of e2e_seconds trains on the KL, which is what the splice is judged by
+e2e_kl_share = 0.0
 e2e_seconds = 300.0  # training time of this stage, in all (a resumed stage trains until it has had this much)
 e2e_save_seconds = 60.0  # e2e.pt is saved each time this much more training time has passed, and at the end
 e2e_regression_tokens = 256  # training tokens drawn from the whole vocabulary each step for the MSE term
 mse_weight = 100.0  # the MSE term's weight, as in train.py (a config file sets both)
 seed = 1337
 device = "auto"  # auto: cuda, then mps, then cpu
+dtype = "auto"  # the frozen LM's: auto is bfloat16 on cuda, float32 elsewhere; or float32, bfloat16, float16
 configure(globals())
 for key in ("e2e_context", "e2e_windows"):
     check(globals(), key, 2)
 check(globals(), "e2e_chat_share", 0.0, 1.0)
+check(globals(), "e2e_kl_share", 0.0, 1.0)
+check(globals(), "e2e_hidden_layers", 0)
+check(globals(), "e2e_ngram_lr_scale", 0)
 check(globals(), "e2e_learning_rate", 0, low_open=True)
 check(globals(), "e2e_seconds", 0, low_open=True)
 check(globals(), "e2e_save_seconds", 0, low_open=True)
@@ -50,6 +62,7 @@ if e2e_init_from not in ("scratch", "resume"):
     raise UserError(f"e2e_init_from={e2e_init_from!r} is not known; use 'scratch' or 'resume'")
 config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 dev = pick_device(device)
+lm_dtype = pick_dtype(dtype, dev)
 
 data = load_data(model)
 identity = data_identity(data)
@@ -68,9 +81,12 @@ if earlier is not None and not ours:
     print(f"note: {path} was trained from an earlier ckpt.pt; this stage starts from the one there now and replaces it")
 start = earlier if e2e_init_from == "resume" else regression
 encoder = load_encoder(start, dev).train()
-lm, tokenizer = load_lm(model, device=dev)
+lm, tokenizer = load_lm(model, dtype=lm_dtype, device=dev)
 lm.requires_grad_(False)
 check_lm_table(lm.get_input_embeddings().weight, data, model)
+if e2e_hidden_layers > len(lm.model.layers):
+    print(f"note: the LM has {len(lm.model.layers)} decoder layers, fewer than e2e_hidden_layers={e2e_hidden_layers}; matching after all of them")
+    e2e_hidden_layers = len(lm.model.layers)
 
 text = training_text()
 windows = cut_windows(tokenizer(text, add_special_tokens=False)["input_ids"], e2e_context, e2e_windows, "the training text")
@@ -85,15 +101,20 @@ input_ids, table, train_ids = data.input_ids.to(dev), data.table.to(dev), data.t
 # the tokens never trained on (selection and held-out) keep the LM's own rows in a window
 frozen = torch.ones(len(table), dtype=torch.bool, device=dev)
 frozen[train_ids.to(dev)] = False
-# the dense weights only: a fresh AdamW at a small rate, since the regression got the rows close
+# fresh optimizers at a small rate, since the regression got the rows close: AdamW for the dense
+# weights, and SparseAdam for the n-gram table if it trains here too
 dense = [p for name, p in encoder.named_parameters() if not name.startswith("ngram.")]
 optimizer = torch.optim.AdamW(dense, lr=e2e_learning_rate, weight_decay=0.0)
+train_ngrams = bool(e2e_ngram_lr_scale and encoder.config.ngram_max)
+ngram_optimizer = torch.optim.SparseAdam([encoder.ngram.weight], lr=e2e_learning_rate * e2e_ngram_lr_scale) if train_ngrams else None
 generator = torch.Generator().manual_seed(seed)
-steps, seconds, kl = 0, 0.0, None
+steps, seconds, match = 0, 0.0, None
 if e2e_init_from == "resume":
     optimizer.load_state_dict(earlier["optimizer"])
+    if train_ngrams and earlier.get("ngram_optimizer"):
+        ngram_optimizer.load_state_dict(earlier["ngram_optimizer"])
     generator.set_state(earlier["generator"])
-    steps, seconds, kl = earlier["e2e"]["steps"], earlier["e2e"]["seconds"], earlier["e2e"]["last_kl"]
+    steps, seconds, match = earlier["e2e"]["steps"], earlier["e2e"]["seconds"], earlier["e2e"]["last_match"]
     if seconds >= e2e_seconds:
         raise UserError(f"{path} has trained {seconds:.0f}s already, e2e_seconds={e2e_seconds:g}; pass a larger --e2e_seconds to train longer")
 print(f"{data.meta['model']}: end to end on {len(windows)} windows of {e2e_context} tokens of the training text"
@@ -106,14 +127,18 @@ def save():
         raise UserError(f"the weights became non-finite at step {steps}; {path} keeps its last save, lower e2e_learning_rate")
     save_checkpoint(path, {
         "stage": "e2e", "model": encoder.state_dict(), "model_args": regression["model_args"], "config": config, "data": identity,
-        "iter_num": regression["iter_num"], "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-        "e2e": {"parent": regression["id"], "steps": steps, "seconds": round(seconds, 1), "last_kl": kl, "context": e2e_context,
+        "iter_num": regression["iter_num"], "optimizer": optimizer.state_dict(),
+        "ngram_optimizer": ngram_optimizer.state_dict() if train_ngrams else None, "generator": generator.get_state(),
+        "e2e": {"parent": regression["id"], "steps": steps, "seconds": round(seconds, 1), "last_match": match, "context": e2e_context,
                 "windows": e2e_windows, "chat_windows": n_chat, "learning_rate": e2e_learning_rate,
-                "regression_tokens": e2e_regression_tokens, "mse_weight": mse_weight}})
+                "regression_tokens": e2e_regression_tokens, "mse_weight": mse_weight, "hidden_layers": e2e_hidden_layers,
+                "kl_share": e2e_kl_share, "ngram_lr_scale": e2e_ngram_lr_scale if train_ngrams else 0.0}})
 
 
-bar = tqdm(total=round(e2e_seconds), initial=round(seconds), unit="s")
+bar = progress(total=round(e2e_seconds), initial=round(seconds), unit="s")
 next_save = seconds + e2e_save_seconds
+kl_from = (1 - e2e_kl_share) * e2e_seconds if e2e_hidden_layers else 0.0
+matching = None
 try:
     while seconds < e2e_seconds:
         started = time.time()
@@ -121,17 +146,23 @@ try:
         if n_chat:
             batch = torch.cat([batch, chat_windows[torch.randint(0, len(chat_windows), (n_chat,), generator=generator)]])
         anchors = train_ids[torch.randint(0, len(train_ids), (e2e_regression_tokens,), generator=generator)]
-        loss, kl_step, mse = e2e_loss(encoder, lm, batch.to(dev), input_ids, table, frozen, anchors.to(dev), mse_weight)
+        layers = e2e_hidden_layers if seconds < kl_from else 0
+        if layers != matching:
+            tqdm.write(f"step {steps}: matching the LM's " + (f"residual stream after {layers} layers" if layers else "next-token distributions (KL)"))
+            matching = layers
+        loss, match_step, mse = e2e_loss(encoder, lm, batch.to(dev), input_ids, table, frozen, anchors.to(dev), mse_weight, layers)
         if not torch.isfinite(loss):
             raise UserError(f"the loss became {loss.item()} at step {steps}; {path} keeps its last save, lower e2e_learning_rate")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dense, 1.0)
         optimizer.step()
-        encoder.zero_grad(set_to_none=True)  # the dense weights' and the sparse n-gram table's, which is not trained here
-        steps, kl = steps + 1, kl_step.item()
+        if train_ngrams:
+            ngram_optimizer.step()
+        encoder.zero_grad(set_to_none=True)  # the n-gram table's sparse gradient too, trained here or not
+        steps, match = steps + 1, match_step.item()
         seconds += time.time() - started
         bar.update(min(round(seconds), bar.total) - bar.n)
-        bar.set_postfix(kl=f"{kl:.4f}", mse=f"{mse.item():.4f}", s_per_step=f"{seconds / steps:.2f}")
+        bar.set_postfix({f"hidden{layers}" if layers else "kl": f"{match:.4f}", "mse": f"{mse.item():.4f}", "s_per_step": f"{seconds / steps:.2f}"}, refresh=False)
         if seconds >= next_save:
             save()
             next_save = seconds + e2e_save_seconds

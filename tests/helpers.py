@@ -133,7 +133,8 @@ def first_windows(tokenizer, windows=2, context=32):
 
 def assert_own_table_changes_nothing(lm, windows):
     """The identity splice: the LM's own table spliced in gives the same logits, and the e2e loss
-    of its own rows (handed over as inputs_embeds, scaled as the LM scales them) is zero."""
+    of its own rows (handed over as inputs_embeds, scaled as the LM scales them) is zero, both
+    through the KL and through the residual stream after the first layer."""
     from e2e import e2e_loss
     from splice import splice_rows
     lm.eval().requires_grad_(False)
@@ -142,6 +143,7 @@ def assert_own_table_changes_nothing(lm, windows):
         table = lm.get_input_embeddings().weight.detach().clone()
         splice_rows(lm, table)
         assert torch.equal(lm(input_ids=windows).logits, before)
-    loss, kl, mse = e2e_loss(OwnRows(table), lm, windows, OwnRows.byte_rows(len(table)), table,
-                             torch.zeros(len(table), dtype=torch.bool), windows[0, :8], 100.0)
-    assert kl.item() < 1e-6 and mse.item() == 0.0, (kl.item(), mse.item())
+    for hidden_layers in (0, 1):  # the KL, and the residual stream after the first layer
+        loss, match, mse = e2e_loss(OwnRows(table), lm, windows, OwnRows.byte_rows(len(table)), table,
+                                    torch.zeros(len(table), dtype=torch.bool), windows[0, :8], 100.0, hidden_layers)
+        assert match.item() < 1e-6 and mse.item() == 0.0, (hidden_layers, match.item(), mse.item())

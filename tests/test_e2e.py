@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from e2e import e2e_loss
-from lm import load_tokenizer, training_text
+from configurator import UserError
+from lm import hidden_after, load_tokenizer, training_text
 from model import PAD
 from storage import data_identity, load_checkpoint, load_data, load_encoder
 from helpers import ONE_THREAD, REPO, TINY_TRAIN, fails_with, files_under, run_script, succeeds
@@ -92,6 +93,7 @@ def test_e2e_lowers_the_kl_writes_its_own_checkpoint_and_keeps_the_lm(tiny_mistr
     proc = succeeds(e2e_run(tiny_mistral.folder, out_dir, "--e2e_seconds=20", "--e2e_learning_rate=3e-3", cwd=workdir))
     after = kl_on_the_first_windows(tiny_mistral.folder, out_dir)  # the last stage: e2e.pt
     assert after < 0.85 * before, (before, after)
+    assert "\r" not in proc.stderr  # piped into a log, the progress bar writes lines
     record = e2e_record(out_dir)
     assert record["stage"] == "e2e" and record["e2e"]["steps"] > 0 and f"{record['e2e']['steps']} steps in" in proc.stdout
     assert record["e2e"]["parent"] == torch.load(out_dir / "ckpt.pt", weights_only=True)["id"] != record["id"]
@@ -128,9 +130,13 @@ def test_a_new_regression_checkpoint_makes_the_e2e_stage_stale(tiny_mistral, wor
                         "--eval_interval=2", cwd=workdir, env=ONE_THREAD))
     fails_with(run_script("evaluate.py", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", cwd=workdir),
                "e2e.pt was trained from an earlier", "--checkpoint=regression")
-    proc = succeeds(e2e_run(tiny_mistral.folder, out_dir, "--e2e_seconds=1", cwd=workdir))
+    # the new stage matches the residual stream after one layer, then the KL for its last half
+    proc = succeeds(e2e_run(tiny_mistral.folder, out_dir, "--e2e_seconds=1", "--e2e_hidden_layers=1", "--e2e_kl_share=0.5", cwd=workdir))
     assert "was trained from an earlier ckpt.pt" in proc.stdout
-    assert e2e_record(out_dir)["e2e"]["parent"] == torch.load(out_dir / "ckpt.pt", weights_only=True)["id"]
+    assert "step 0: matching the LM's residual stream after 1 layers" in proc.stdout and "next-token distributions (KL)" in proc.stdout
+    record = e2e_record(out_dir)["e2e"]
+    assert record["parent"] == torch.load(out_dir / "ckpt.pt", weights_only=True)["id"]
+    assert record["hidden_layers"] == 1 and record["kl_share"] == 0.5
 
 
 def test_e2e_without_a_checkpoint_is_one_sentence(tiny_mistral, prepared_mistral, workdir, tmp_path):
@@ -151,18 +157,32 @@ def in_process(tiny_mistral, trained_mistral, workdir):
                            encoder=load_encoder(torch.load(trained_mistral.out_dir / "ckpt.pt", weights_only=True)).train())
 
 
-def test_e2e_loss_trains_the_encoder_only_and_frozen_tokens_read_their_own_rows(in_process):
+@pytest.mark.parametrize("hidden_layers", [0, 1])
+def test_e2e_loss_trains_the_encoder_only_and_frozen_tokens_read_their_own_rows(in_process, hidden_layers):
+    """Both measures: the KL (hidden_layers=0) and the residual stream after the first layer."""
     data, lm = in_process.data, in_process.lm
     encoder = in_process.encoder
     none_frozen = torch.zeros(len(data.table), dtype=torch.bool)
-    loss, kl, _ = e2e_loss(encoder, lm, in_process.windows, data.input_ids, data.table, none_frozen, data.train_ids[:64], 1.0)
+    loss, match, _ = e2e_loss(encoder, lm, in_process.windows, data.input_ids, data.table, none_frozen, data.train_ids[:64], 1.0, hidden_layers)
     loss.backward()
-    assert kl.item() > 1e-4
+    assert match.item() > 1e-4
     assert all(p.grad is None for p in lm.parameters()) and encoder.head[-1].weight.grad.abs().sum() > 0
     encoder.zero_grad(set_to_none=True)
-    # every token of the windows frozen: the LM reads its own rows and the KL is exactly zero
-    _, kl, _ = e2e_loss(encoder, lm, in_process.windows, data.input_ids, data.table, ~none_frozen, data.train_ids[:0], 1.0)
-    assert kl.item() < 1e-6
+    # every token of the windows frozen: the LM reads its own rows and the measure is exactly zero
+    _, match, _ = e2e_loss(encoder, lm, in_process.windows, data.input_ids, data.table, ~none_frozen, data.train_ids[:0], 1.0, hidden_layers)
+    assert match.item() < 1e-6
+
+
+def test_hidden_after_stops_at_the_layer_a_full_pass_goes_through(in_process):
+    """The hook's residual stream is the one the whole LM computes there (hidden_states[k] is
+    the output of the k-th layer for every k below the last, which the final norm follows)."""
+    lm, windows = in_process.lm, in_process.windows
+    with torch.no_grad():
+        full = lm(input_ids=windows, output_hidden_states=True).hidden_states
+        for layers in range(1, len(lm.model.layers)):
+            assert torch.allclose(hidden_after(lm, layers, input_ids=windows), full[layers], atol=1e-5)
+    with pytest.raises(UserError, match="decoder layers; pick"):
+        hidden_after(lm, len(lm.model.layers) + 1, input_ids=windows)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +211,7 @@ def test_held_out_tokens_keep_their_own_rows_in_the_windows(mostly_held_out, wor
     (out_dir / "e2e.pt").unlink(missing_ok=True)
     succeeds(e2e_run(folder, out_dir, "--e2e_seconds=3", cwd=workdir))
     record = e2e_record(out_dir)
-    assert record["e2e"]["steps"] > 0 and record["e2e"]["last_kl"] < 1e-6, record["e2e"]
+    assert record["e2e"]["steps"] > 0 and record["e2e"]["last_match"] < 1e-6, record["e2e"]
 
 
 def test_a_chat_template_that_cannot_render_the_turns_is_one_sentence(mostly_held_out, workdir):
