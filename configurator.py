@@ -141,5 +141,6 @@ if not sys.stderr.isatty():
 def progress(iterable=None, **kwargs):
     """A tqdm bar; in a log, one line every 30 seconds (and at the end) instead of ten redraws a second."""
     if not sys.stderr.isatty():
-        kwargs = {**kwargs, "file": _LineLog(), "mininterval": 30.0, "dynamic_ncols": False, "ncols": 100}
+        # maxinterval too: else tqdm's monitor thread redraws a slow bar every 10 s
+        kwargs = {**kwargs, "file": _LineLog(), "mininterval": 30.0, "maxinterval": 30.0, "dynamic_ncols": False, "ncols": 100}
     return tqdm(iterable, **kwargs)
