@@ -30,11 +30,17 @@ max_new_tokens = 48
 text_file = ""  # text for perplexity; empty: the two evaluation texts from Python's documentation
 eval_tokens = 2048  # perplexity over the first this many tokens of each text
 context = 512  # a text is scored in independent windows of this many tokens
+# whose rows are spliced: all; in_text, the tokens the training text uses; not_in_text, the others.
+# The rest keep the LM's own rows, which says where a splice's loss comes from (splice-in_text.json, ...)
+splice_tokens = "all"
 device = "auto"  # auto: cuda, then mps, then cpu
 dtype = "auto"  # auto: bfloat16 on cuda, float32 elsewhere; or float32, bfloat16, float16
 configure(globals())
 for key in ("max_new_tokens", "eval_tokens", "context"):
     check(globals(), key, 1)
+if splice_tokens not in ("all", "in_text", "not_in_text"):
+    raise UserError(f"splice_tokens={splice_tokens!r} is not known; use all, in_text or not_in_text")
+report_file = "splice.json" if splice_tokens == "all" else f"splice-{splice_tokens}.json"
 started = time.time()
 dev = pick_device(device)
 torch_dtype = pick_dtype(dtype, dev)
@@ -45,6 +51,7 @@ data = load_data(model)
 new, source = read_predicted_table(out_dir, load_checkpoint(out_dir, data_identity(data), checkpoint))
 texts = scoring_texts(text_file)
 check_writable(out_dir)
+spliced_ids = None if splice_tokens == "all" else ((data.text_counts > 0) == (splice_tokens == "in_text")).nonzero()[:, 0]
 
 print(f"loading {model} ({torch_dtype}, {dev})")
 lm, tokenizer = load_lm(model, torch_dtype, dev)
@@ -71,7 +78,7 @@ def answer():
 results = {}
 for table_name in ("original", "spliced"):
     if table_name == "spliced":
-        splice_rows(lm, new)
+        splice_rows(lm, new if spliced_ids is None else new[spliced_ids], spliced_ids)
     t0 = time.time()
     results[table_name] = {"answer": answer(), "perplexity": {name: perplexity(lm, ids, context) for name, ids in text_ids.items()}}
     print(f"{table_name}: {time.time() - t0:.1f}s")
@@ -96,9 +103,9 @@ for name, ids in text_ids.items():
 report = {**source, "embeddings": os.path.join(out_dir, "new_embeddings.safetensors"), "lm": model, "revision": data.meta["revision"],
           "table_sha256": data.meta["table_sha256"], "device": dev, "dtype": str(torch_dtype).removeprefix("torch."),
           "prompt": prompt, "chat_template": bool(tokenizer.chat_template), "max_new_tokens": max_new_tokens,
-          "texts": {name: len(ids) for name, ids in text_ids.items()}, "context": context,
+          "splice_tokens": splice_tokens, "texts": {name: len(ids) for name, ids in text_ids.items()}, "context": context,
           "perplexity": {"original": results["original"]["perplexity"], "spliced": results["spliced"]["perplexity"]},
           "ratio": ratios, "answer": {"original": results["original"]["answer"], "spliced": results["spliced"]["answer"]},
           "seconds": round(time.time() - started, 1)}
-write_text_file(os.path.join(out_dir, "splice.json"), json.dumps(report, indent=1) + "\n")
-print(f"wrote {out_dir}/splice.json in {report['seconds']:.0f}s")
+write_text_file(os.path.join(out_dir, report_file), json.dumps(report, indent=1) + "\n")
+print(f"wrote {out_dir}/{report_file} in {report['seconds']:.0f}s")

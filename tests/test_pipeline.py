@@ -5,6 +5,7 @@ prepare -> train -> evaluate -> test_mistral.
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -89,3 +90,17 @@ def test_splice_reports_both_perplexities(tiny_mistral, evaluated_mistral, workd
     assert report["perplexity"]["spliced"][str(text_file)] == pytest.approx(spliced, rel=1e-6)
     assert report["ratio"][str(text_file)] == pytest.approx(spliced / original, rel=1e-6)
     assert abs(spliced - original) > 1e-4 * original
+
+    # only the rows of the tokens the training text uses; the others keep the LM's own, and splice.json stays
+    first_report = (evaluated_mistral.out_dir / "splice.json").read_bytes()
+    succeeds(run_script("test_mistral.py", f"--model={tiny_mistral.folder}", f"--out_dir={evaluated_mistral.out_dir}",
+                        f"--text_file={text_file}", "--max_new_tokens=5", "--splice_tokens=in_text", cwd=workdir))
+    partial = json.loads((evaluated_mistral.out_dir / "splice-in_text.json").read_text())
+    in_text = torch.from_numpy(np.load(workdir / "data" / tiny_mistral.name / "text_counts.npy")) > 0
+    lm = AutoModelForCausalLM.from_pretrained(tiny_mistral.folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        weight = lm.get_input_embeddings().weight
+        weight[:len(in_text)][in_text] = load_file(evaluated_mistral.out_dir / "new_embeddings.safetensors")["embeddings"][in_text]
+    assert 0 < in_text.sum() < len(in_text) and partial["splice_tokens"] == "in_text"
+    assert partial["perplexity"]["spliced"][str(text_file)] == pytest.approx(perplexity(lm, ids), rel=1e-6)
+    assert (evaluated_mistral.out_dir / "splice.json").read_bytes() == first_report
