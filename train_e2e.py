@@ -1,7 +1,7 @@
 """
 A second stage after train.py: train the byte encoder end to end through the frozen LM
 (e2e.py: on windows of the training text, the error of the LM's residual stream after its
-first few layers, then the KL divergence of its next-token distributions, plus train.py's MSE
+first few layers, or the KL divergence of its next-token distributions, plus train.py's MSE
 on tokens drawn from the whole vocabulary). It starts from train.py's
 out_dir/ckpt.pt, which it never changes, and writes its own out_dir/e2e.pt, saved as it goes:
 Ctrl-C keeps the work, and --e2e_init_from=resume continues it.
@@ -114,7 +114,7 @@ if e2e_init_from == "resume":
     if train_ngrams and earlier.get("ngram_optimizer"):
         ngram_optimizer.load_state_dict(earlier["ngram_optimizer"])
     generator.set_state(earlier["generator"])
-    steps, seconds, match = earlier["e2e"]["steps"], earlier["e2e"]["seconds"], earlier["e2e"]["last_match"]
+    steps, seconds, match = earlier["e2e"]["steps"], earlier["e2e"]["seconds"], earlier["e2e"].get("last_match")
     if seconds >= e2e_seconds:
         raise UserError(f"{path} has trained {seconds:.0f}s already, e2e_seconds={e2e_seconds:g}; pass a larger --e2e_seconds to train longer")
 print(f"{data.meta['model']}: end to end on {len(windows)} windows of {e2e_context} tokens of the training text"
