@@ -1,105 +1,114 @@
 """
-Side by side, on the same prepared data and the same wall-clock budget: the prototype's
-recipe (config/prototype.py) against this repo's default (config/smollm2_cpu.py, or
-config/smollm2_gpu.py on a GPU). Both run through train.py unchanged, so what is timed is
-what a user gets; then evaluate.py and test_mistral.py give each recipe's spliced perplexity
-ratio on the two evaluation texts, the number that says whether the LM still works.
+The whole recipe against the prototype's, at equal training time, judged by the splice: for
+each budget, the prototype's recipe (config/prototype.py: regression alone) trains for all of
+it, and this repo's recipe (config/smollm2_cpu.py, or config/smollm2_gpu.py on a GPU) splits
+it between train.py and train_e2e.py as `make demo` does. Every run goes through the scripts
+unchanged, then evaluate.py and test_mistral.py give its spliced perplexity ratio on the two
+evaluation texts and its answer. Each budget is a run of its own, so each point is what a
+user with that many minutes gets (its learning rate decays over its own budget).
 
-$ python bench.py                 # 10 minutes each on the CPU
-$ python bench.py --minutes=2     # a quick look
+$ python bench.py                   # 2.5, 5 and 10 minutes each (35 minutes of training in all)
+$ python bench.py --minutes=4       # 1, 2 and 4 minutes
+Writes out-bench/bench.json and out-bench/bench.png (splice ratio against training minutes).
 """
 import json
 import os
 import subprocess
 import sys
 
+import matplotlib
 import torch
 
 from configurator import UserError, check, configure
-from storage import data_dir, load_checkpoint
+from storage import data_dir, write_text_file
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 model = "smollm2"
-minutes = 10.0  # training budget of each recipe; evals are read off at 10/20/50/100% of it
+minutes = 10.0  # the largest budget of training time per recipe
+fractions = "0.25,0.5,1"  # the budgets, as shares of minutes
+e2e_share = 0.5  # of this repo's recipe's budget, the end-to-end stage's share (make demo: 5 + 5 minutes)
 baseline_config = "config/prototype.py"
 default_config = "config/smollm2_gpu.py" if torch.cuda.is_available() else "config/smollm2_cpu.py"
-speed_seconds = 60.0  # extra short run: the prototype recipe at the default's encoder size, for samples/s alone
 out_dir = "out-bench"
 configure(globals())
+REPO = os.path.dirname(os.path.abspath(__file__))  # the scripts it runs; data/ and out_dir are found from where it is run
 check(globals(), "minutes", 0, low_open=True)
-check(globals(), "speed_seconds", 0, low_open=True)
+check(globals(), "e2e_share", 0, 1, low_open=True, high_open=True)
+try:
+    budgets = sorted(float(f) * minutes for f in fractions.split(","))
+except ValueError:
+    raise UserError(f"fractions={fractions!r} must be numbers separated by commas, such as 0.25,0.5,1") from None
+if not budgets or budgets[0] <= 0:
+    raise UserError(f"fractions={fractions!r} must be positive shares of minutes, such as 0.25,0.5,1")
 if not os.path.isfile(os.path.join(data_dir(model), "meta.json")):
     raise UserError(f"no prepared data in {data_dir(model)}; run: python prepare_mistral_data.py --model={model}")
-budget = 60 * minutes
-report_at = [0.1, 0.2, 0.5, 1.0]
 os.makedirs(out_dir, exist_ok=True)
 
 
-def train(name, config_file, seconds, evals, *overrides):
-    """Run train.py for `seconds` of training time, evaluating `evals` times; return the eval records."""
-    log = os.path.join(out_dir, f"{name}.jsonl")
+def run(name, script, *args):
+    cmd = [sys.executable, os.path.join(REPO, script), *args, f"--model={model}"]
+    print(f"\n== {name}: {' '.join([script, *cmd[2:]])}", flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise UserError(f"{script} failed for {name}; its output is above")
+
+
+def recipe(name, config_file, budget_minutes, e2e):
+    """Train one recipe for budget_minutes of training time in a fresh folder, splice it, and
+    return what bench.json keeps of it."""
+    folder = os.path.join(out_dir, f"{name}-{budget_minutes:g}min")
+    for stale in ("ckpt.pt", "e2e.pt"):
+        if os.path.exists(os.path.join(folder, stale)):
+            os.remove(os.path.join(folder, stale))  # a rerun is a new measurement, never a resume
+    seconds = 60 * budget_minutes
+    log = os.path.join(folder, "train.jsonl")
+    os.makedirs(folder, exist_ok=True)
     if os.path.exists(log):
         os.remove(log)
-    cmd = [sys.executable, "train.py", config_file, f"--model={model}", f"--out_dir={os.path.join(out_dir, name)}",
-           f"--max_seconds={seconds}", "--max_iters=0", "--eval_interval=0",
-           f"--eval_interval_seconds={seconds / evals}", f"--log_file={log}", *overrides]
-    print(f"\n== {name}: {' '.join(cmd[1:])}", flush=True)
-    if subprocess.run(cmd).returncode != 0:
-        raise UserError(f"train.py failed for {name}; its output is above")
-    with open(log) as f:
-        return [json.loads(line) for line in f]
-
-
-def splice(name):
-    """evaluate.py then test_mistral.py on a recipe's checkpoint: {text: spliced / original perplexity}."""
-    folder = os.path.join(out_dir, name)
+    regression = seconds * (1 - e2e_share) if e2e else seconds
+    run(name, "train.py", config_file, f"--out_dir={folder}", f"--max_seconds={regression}", "--max_iters=0",
+        "--eval_interval=0", f"--eval_interval_seconds={regression / 4}", f"--log_file={log}")
+    if e2e:
+        run(name, "train_e2e.py", config_file, f"--out_dir={folder}", f"--e2e_seconds={seconds * e2e_share}")
     for script in ("evaluate.py", "test_mistral.py"):
-        print(f"\n== {name}: {script}", flush=True)
-        if subprocess.run([sys.executable, script, f"--model={model}", f"--out_dir={folder}"]).returncode != 0:
-            raise UserError(f"{script} failed for {name}; its output is above")
+        run(name, script, config_file, f"--out_dir={folder}")
+    with open(log) as f:
+        last = [json.loads(line) for line in f][-1]
     with open(os.path.join(folder, "splice.json")) as f:
-        return json.load(f)["ratio"]
+        splice = json.load(f)
+    with open(os.path.join(folder, "eval.json")) as f:
+        evaluation = json.load(f)
+    return {"recipe": name, "minutes": budget_minutes, "params": last["params"], "regression_samples_s": last["samples"] / last["seconds"],
+            "ratio": splice["ratio"], "answer": splice["answer"]["spliced"], "checkpoint": splice["checkpoint"],
+            "held_out_cosine": evaluation["groups"]["held-out"]["cosine"]}
 
 
-def at(records, seconds):
-    """The first eval taken once `seconds` of training had passed."""
-    return next((r for r in records if r["seconds"] >= seconds * 0.999), records[-1])
-
-
-def samples_per_second(records):
-    return records[-1]["samples"] / records[-1]["seconds"]
-
-
-baseline = train("prototype", baseline_config, budget, 20)
-default = train("default", default_config, budget, 20)
-# the same encoder as the default, trained the prototype's way: isolates what batching and padding give
-default_ckpt = load_checkpoint(os.path.join(out_dir, "default"))
-size = {k: default_ckpt["model_args"][k] for k in ("n_layer", "n_head", "n_embd", "head_hidden")}
-same_size = train("prototype_same_size", baseline_config, speed_seconds, 1, *(f"--{k}={v}" for k, v in size.items()))
-ratios = {name: splice(name) for name in ("prototype", "default")}
+results = [recipe(name, config_file, m, e2e) for m in budgets
+           for name, config_file, e2e in (("prototype", baseline_config, False), ("default", default_config, True))]
 
 device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu: {os.cpu_count()} cores"
-print(f"\n## {model}, {minutes:g} minutes of training each, {device}\n")
-texts = list(ratios["default"])
-header = "| recipe | params | peak MB | samples/s | " + " | ".join(
-    f"{f * minutes:g} min top-1 / cos / val cos / text expl." for f in report_at) + " | " + " | ".join(
-    f"splice ratio, {text}" for text in texts) + " |"
+texts = list(results[0]["ratio"])
+print(f"\n## {model}, {device}: {baseline_config} against {default_config} ({1 - e2e_share:g} regression, {e2e_share:g} end to end)\n")
+header = "| recipe | training minutes | encoder params | regression samples/s | " + " | ".join(
+    f"splice ratio, {text}" for text in texts) + " | held-out cosine | spliced answer |"
 print(header)
 print("|" + " --- |" * (header.count("|") - 1))
-for name, records in (("prototype", baseline), ("default", default)):
-    cells = [f"{100 * r['train/top1']:.2f}% / {r['train/cosine']:.3f} / {r['val/cosine']:.3f} / {r['text/explained']:.3f}"
-             for r in (at(records, f * budget) for f in report_at)]
-    cells += [f"{ratios[name][text]:.2f}x" for text in texts]
-    print(f"| {name} | {records[-1]['params'] / 1e6:.2f}M | {records[-1]['peak_mb']} | {samples_per_second(records):.0f} | "
-          + " | ".join(cells) + " |")
+for r in results:
+    print(f"| {r['recipe']} | {r['minutes']:g} | {r['params'] / 1e6:.1f}M | {r['regression_samples_s']:.0f} | "
+          + " | ".join(f"{r['ratio'][text]:.2f}x" for text in texts) + f" | {r['held_out_cosine']:.3f} | {r['answer'][:60]!r} |")
 
-target = baseline[-1]["train/cosine"]
-reached = next((r for r in default if r["train/cosine"] >= target), None)
-print(f"\nsamples/s, default over prototype: {samples_per_second(default) / samples_per_second(baseline):.1f}x "
-      f"(same encoder size: {samples_per_second(default) / samples_per_second(same_size):.1f}x, "
-      f"prototype recipe at the default's size ran {samples_per_second(same_size):.0f} samples/s)")
-if reached:
-    print(f"default reached the prototype's final train cosine {target:.3f} after {reached['seconds']:.0f} s: "
-          f"{reached['seconds'] / budget:.3f} of the prototype's budget (val cosine then {reached['val/cosine']:.3f} "
-          f"vs the prototype's final {baseline[-1]['val/cosine']:.3f})")
-else:
-    print(f"default never reached the prototype's final train cosine {target:.3f}")
+figure, axes = plt.subplots(1, len(texts), figsize=(5.5 * len(texts), 4), squeeze=False)
+for ax, text in zip(axes[0], texts):
+    for name in ("prototype", "default"):
+        points = [(r["minutes"], r["ratio"][text]) for r in results if r["recipe"] == name]
+        ax.plot(*zip(*points), marker="o", label=name)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set(xlabel="training minutes", ylabel="spliced / original perplexity", yscale="log", title=text[:50])
+    ax.legend()
+figure.suptitle(f"{model}, {device}")
+figure.tight_layout()
+figure.savefig(os.path.join(out_dir, "bench.png"), dpi=120)
+write_text_file(os.path.join(out_dir, "bench.json"), json.dumps({"model": model, "device": device, "e2e_share": e2e_share,
+                                                                 "configs": [baseline_config, default_config], "runs": results}, indent=1) + "\n")
+print(f"\nwrote {out_dir}/bench.json and {out_dir}/bench.png")

@@ -1,0 +1,50 @@
+"""
+bench.py and gpu_check.py as a user runs them, on the tiny Mistral with a tiny recipe and
+budgets of seconds: every stage runs through the real scripts, the prototype's recipe is
+regression alone and this repo's ends on its e2e stage, and the tables, bench.json and
+bench.png say what came out. What the numbers are is the scripts' own output, never a test's.
+"""
+import json
+import math
+
+from helpers import ONE_THREAD, PLAIN, fails_with, run_script, succeeds
+
+# one config file for both recipes and both stages: train.py's tiny encoder, a short e2e window
+TINY_RECIPE = "\n".join([arg[2:].replace("=", " = ", 1) for arg in PLAIN]
+                        + ["n_layer = 1", "n_embd = 32", "n_head = 2", "head_hidden = 64", "batch_size = 32",
+                           "eval_sample = 256", "e2e_context = 64", "e2e_windows = 2"]) + "\n"
+
+
+def tiny_recipe(tmp_path):
+    path = tmp_path / "tiny_recipe.py"
+    path.write_text(TINY_RECIPE)
+    return path
+
+
+def test_bench_runs_both_recipes_at_each_budget_and_plots_the_splice(tiny_mistral, prepared_mistral, workdir, tmp_path):
+    config, out_dir = tiny_recipe(tmp_path), tmp_path / "bench"
+    proc = succeeds(run_script("bench.py", f"--model={tiny_mistral.folder}", "--minutes=0.06", "--fractions=0.5,1",
+                               f"--baseline_config={config}", f"--default_config={config}", f"--out_dir={out_dir}",
+                               cwd=workdir, env=ONE_THREAD))
+    report = json.loads((out_dir / "bench.json").read_text())
+    runs = report["runs"]
+    assert [(r["recipe"], round(r["minutes"], 6)) for r in runs] == [("prototype", 0.03), ("default", 0.03), ("prototype", 0.06), ("default", 0.06)]
+    for r in runs:
+        assert r["checkpoint"].endswith("e2e.pt" if r["recipe"] == "default" else "ckpt.pt"), r
+        assert len(r["ratio"]) == 2 and all(math.isfinite(v) and v > 0 for v in r["ratio"].values())
+        assert f"| {r['recipe']} | {r['minutes']:g} |" in proc.stdout
+    assert (out_dir / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    fails_with(run_script("bench.py", f"--model={tiny_mistral.folder}", "--fractions=half", cwd=workdir), "fractions='half'", "0.25,0.5,1")
+
+
+def test_gpu_check_runs_every_stage_and_prints_one_table(tiny_mistral, prepared_mistral, workdir, tmp_path):
+    config, out_dir = tiny_recipe(tmp_path), tmp_path / "check"
+    args = [f"--model={tiny_mistral.folder}", f"--config_file={config}", "--minutes=0.05", f"--out_dir={out_dir}"]
+    proc = succeeds(run_script("gpu_check.py", *args, cwd=workdir, env=ONE_THREAD))
+    assert "note: no CUDA GPU here" in proc.stdout
+    table = proc.stdout[proc.stdout.index("| stage |"):]
+    for stage in ("prepare_mistral_data.py", "train.py", "train_e2e.py", "evaluate.py", "test_mistral.py"):
+        assert f"| {stage} |" in table
+    assert "data/ was there already" in table and "held-out cosine" in table and "s a step" in table
+    # a second check never mixes its stages with the first one's
+    fails_with(run_script("gpu_check.py", *args, cwd=workdir), "is from an earlier check", "another --out_dir")
