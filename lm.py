@@ -130,6 +130,14 @@ def embed_rows(lm, rows):
     return rows if scale is None else rows * scale.to(rows.device, rows.dtype)
 
 
+def decoder_layers(lm):
+    """The LM's stack of decoder layers (model.layers: Llama, Mistral, Gemma, SmolLM2), or one sentence."""
+    blocks = getattr(getattr(lm, "model", None), "layers", None)
+    if blocks is None:
+        raise UserError(f"{type(lm).__name__} keeps its decoder layers elsewhere than model.layers; run train_e2e.py with --e2e_hidden_layers=0 (the KL)")
+    return blocks
+
+
 class _StopForward(Exception):
     """Raised by hidden_after's hook once it has the layer's output: the rest of the LM never runs."""
 
@@ -138,7 +146,7 @@ def hidden_after(lm, layers, **inputs):
     """The residual stream [B, T, D] after the LM's first `layers` decoder layers, for the
     same inputs as lm(...). A hook on that layer stops the forward pass there, so the other
     layers and the vocabulary-wide head cost nothing; any architecture with model.layers works."""
-    blocks = lm.model.layers
+    blocks = decoder_layers(lm)
     if not 1 <= layers <= len(blocks):
         raise UserError(f"the LM has {len(blocks)} decoder layers; pick a number of layers from 1 to {len(blocks)}")
     captured = []

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from configurator import UserError, check, configure, pick_device, progress
 from e2e import cut_windows, e2e_loss
-from lm import chat_turns, load_lm, pick_dtype, training_text
+from lm import chat_turns, decoder_layers, load_lm, pick_dtype, training_text
 from storage import (STAGE_FILES, check_lm_table, claim_out_dir, data_identity, load_checkpoint, load_data, load_encoder,
                      read_checkpoint, save_checkpoint)
 
@@ -84,9 +84,9 @@ encoder = load_encoder(start, dev).train()
 lm, tokenizer = load_lm(model, dtype=lm_dtype, device=dev)
 lm.requires_grad_(False)
 check_lm_table(lm.get_input_embeddings().weight, data, model)
-if e2e_hidden_layers > len(lm.model.layers):
-    print(f"note: the LM has {len(lm.model.layers)} decoder layers, fewer than e2e_hidden_layers={e2e_hidden_layers}; matching after all of them")
-    e2e_hidden_layers = len(lm.model.layers)
+if e2e_hidden_layers and e2e_hidden_layers > len(decoder_layers(lm)):
+    print(f"note: the LM has {len(decoder_layers(lm))} decoder layers, fewer than e2e_hidden_layers={e2e_hidden_layers}; matching after all of them")
+    e2e_hidden_layers = len(decoder_layers(lm))
 
 text = training_text()
 windows = cut_windows(tokenizer(text, add_special_tokens=False)["input_ids"], e2e_context, e2e_windows, "the training text")
