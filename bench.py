@@ -19,8 +19,8 @@ import sys
 import matplotlib
 import torch
 
-from configurator import UserError, check, configure
-from storage import data_dir, write_text_file
+from soft_tokenizer.configurator import UserError, check, configure
+from soft_tokenizer.storage import data_dir, write_text_file
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)

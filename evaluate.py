@@ -21,11 +21,11 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from configurator import check, configure, pick_device, progress
-from metrics import closeness, top1_hits
+from soft_tokenizer.configurator import check, configure, pick_device, progress
+from soft_tokenizer.metrics import closeness, top1_hits
 from model import PAD
-from splice import PREDICTED_FILE, write_predicted_table
-from storage import atomic_write, check_writable, checkpoint_source, data_identity, load_checkpoint, load_data, load_encoder, write_text_file
+from soft_tokenizer.splice import PREDICTED_FILE, write_predicted_table
+from soft_tokenizer.storage import atomic_write, check_writable, checkpoint_source, data_identity, load_checkpoint, load_data, load_encoder, write_text_file
 
 model = "smollm2"  # whose table: data/<name>/ from prepare_mistral_data.py
 out_dir = "out-smollm2"  # holds the checkpoints; the plots, eval.json and new_embeddings.safetensors go here too

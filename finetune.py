@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configurator import UserError, check, configure, pick_device, progress
-from filling import add_tokens, new_rows, read_names, set_rows
-from lm import finetune_text, load_lm, load_tokenizer, read_text_file, resolve_model
-from spelling import tokenizer_kind, vocab_id
-from storage import atomic_write, check_lm_table, checkpoint_source, load_checkpoint, load_data, save_model_folder, untrained_in, write_text_file
+from soft_tokenizer.configurator import UserError, check, configure, pick_device, progress
+from soft_tokenizer.filling import add_tokens, new_rows, read_names, set_rows
+from soft_tokenizer.lm import finetune_text, load_lm, load_tokenizer, read_text_file, resolve_model
+from soft_tokenizer.spelling import tokenizer_kind, vocab_id
+from soft_tokenizer.storage import atomic_write, check_lm_table, checkpoint_source, load_checkpoint, load_data, save_model_folder, untrained_in, write_text_file
 
 model = "smollm2"  # hub id, local folder, or "smollm2"; its data must be prepared (prepare_mistral_data.py)
 out_dir = "out-smollm2"  # the encoder checkpoint soft reads; NAME.json and NAME.png are written here

@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from configurator import UserError, check, configure
-from storage import STAGE_FILES, data_dir, read_checkpoint
+from soft_tokenizer.configurator import UserError, check, configure
+from soft_tokenizer.storage import STAGE_FILES, data_dir, read_checkpoint
 
 model = "smollm2"
 config_file = "config/smollm2_gpu.py"

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import progress
+from soft_tokenizer.configurator import progress
 
 START, END, PAD = 256, 257, 258  # byte ids are 0..255
 BYTE_VOCAB = 259

@@ -19,12 +19,12 @@ import os
 
 import numpy as np
 
-from configurator import UserError, check, configure
-from lm import is_tied, load_tokenizer, read_input_embeddings, resolve_model, training_text
+from soft_tokenizer.configurator import UserError, check, configure
+from soft_tokenizer.lm import is_tied, load_tokenizer, read_input_embeddings, resolve_model, training_text
 from model import PAD
-from spelling import encode_bytes, has_target, token_bytes
-from untrained import find_untrained
-from storage import DATA_FILES, atomic_write, data_dir, model_name, sha256, split_vocabulary, write_text_file
+from soft_tokenizer.spelling import encode_bytes, has_target, token_bytes
+from soft_tokenizer.untrained import find_untrained
+from soft_tokenizer.storage import DATA_FILES, atomic_write, data_dir, model_name, sha256, split_vocabulary, write_text_file
 
 model = "smollm2"  # hub id, local folder, or "smollm2"
 block_size = 50  # the prototype's width; grows to fit longer tokens, never truncates

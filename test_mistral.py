@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from configurator import UserError, check, configure, pick_device
-from lm import load_lm, perplexity, pick_dtype, resolve_model, scoring_texts
-from splice import read_predicted_table, splice_rows
-from storage import check_lm_table, check_writable, data_identity, load_checkpoint, load_data, write_text_file
+from soft_tokenizer.configurator import UserError, check, configure, pick_device
+from soft_tokenizer.lm import load_lm, perplexity, pick_dtype, resolve_model, scoring_texts
+from soft_tokenizer.splice import read_predicted_table, splice_rows
+from soft_tokenizer.storage import check_lm_table, check_writable, data_identity, load_checkpoint, load_data, write_text_file
 
 model = "smollm2"  # hub id, local folder, or "smollm2"
 out_dir = "out-smollm2"  # holds new_embeddings.safetensors from evaluate.py; splice.json goes here

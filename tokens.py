@@ -37,13 +37,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from configurator import UserError, check, configure, pick_device, progress
-from filling import METHODS, add_tokens, fill_output_rows, new_rows, read_names, set_rows
-from lm import is_tied, load_lm, load_tokenizer, perplexity, read_input_embeddings, resolve_model, scoring_texts
-from splice import read_predicted_table, splice_rows
-from spelling import token_bytes, untrained_rows, vocab_id
-from storage import check_lm_table, data_identity, load_checkpoint, load_data, save_model_folder, untrained_in
-from untrained import VERIFIED_BELOW, find_untrained
+from soft_tokenizer.configurator import UserError, check, configure, pick_device, progress
+from soft_tokenizer.filling import METHODS, add_tokens, fill_output_rows, new_rows, read_names, set_rows
+from soft_tokenizer.lm import is_tied, load_lm, load_tokenizer, perplexity, read_input_embeddings, resolve_model, scoring_texts
+from soft_tokenizer.splice import read_predicted_table, splice_rows
+from soft_tokenizer.spelling import token_bytes, untrained_rows, vocab_id
+from soft_tokenizer.storage import check_lm_table, data_identity, load_checkpoint, load_data, save_model_folder, untrained_in
+from soft_tokenizer.untrained import VERIFIED_BELOW, find_untrained
 
 COMMANDS = ("detect", "repair", "add", "repurpose", "compare")
 model = "smollm2"  # hub id, local folder, or "smollm2"

@@ -17,11 +17,11 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from configurator import UserError, check, configure, pick_device, progress
-from metrics import closeness, top1_hits
+from soft_tokenizer.configurator import UserError, check, configure, pick_device, progress
+from soft_tokenizer.metrics import closeness, top1_hits
 from model import PAD, ByteEncoder, ByteEncoderConfig, LossConfig, hub_ids, softmax_negative_ids, trim_padding
-from schedule import batch_order, budget_used, counts_with_rank_prior, get_lr
-from storage import STAGE_FILES, claim_out_dir, data_identity, load_checkpoint, load_data, save_checkpoint
+from soft_tokenizer.schedule import batch_order, budget_used, counts_with_rank_prior, get_lr
+from soft_tokenizer.storage import STAGE_FILES, claim_out_dir, data_identity, load_checkpoint, load_data, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # defaults: the CPU demo's recipe on the embedded SmolLM2-135M (`make demo`, README's figures);

@@ -17,10 +17,10 @@ import jinja2
 import torch
 from tqdm import tqdm
 
-from configurator import UserError, check, configure, pick_device, progress
-from e2e import cut_windows, e2e_loss
-from lm import chat_turns, decoder_layers, load_lm, pick_dtype, training_text
-from storage import (STAGE_FILES, check_lm_table, claim_out_dir, data_identity, load_checkpoint, load_data, load_encoder,
+from soft_tokenizer.configurator import UserError, check, configure, pick_device, progress
+from soft_tokenizer.e2e import cut_windows, e2e_loss
+from soft_tokenizer.lm import chat_turns, decoder_layers, load_lm, pick_dtype, training_text
+from soft_tokenizer.storage import (STAGE_FILES, check_lm_table, claim_out_dir, data_identity, load_checkpoint, load_data, load_encoder,
                      read_checkpoint, save_checkpoint)
 
 model = "smollm2"  # hub id, local folder, or "smollm2"; its data/<name>/ from prepare_mistral_data.py

@@ -14,7 +14,7 @@ import torch
 
 from helpers import REPO, SHRUNK, TINY_TRAIN, ZEROED, mistral_tokenizer_model, run_script, succeeds
 
-sys.path.insert(0, str(REPO))  # the scripts' shared modules (model, lm, storage, ...) live at the repository root
+sys.path.insert(0, str(REPO))  # the package soft_tokenizer and model.py live at the repository root
 
 
 def save_mistral_tokenizer(folder):
@@ -65,13 +65,13 @@ def narrow_mistral(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mistral_tokenizer(tiny_mistral):
-    from lm import load_tokenizer
+    from soft_tokenizer.lm import load_tokenizer
     return load_tokenizer(tiny_mistral.folder)
 
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    from lm import load_tokenizer, resolve_model
+    from soft_tokenizer.lm import load_tokenizer, resolve_model
     return load_tokenizer(resolve_model("smollm2")[0])
 
 

@@ -126,7 +126,7 @@ class OwnRows(torch.nn.Module):
 
 def first_windows(tokenizer, windows=2, context=32):
     """[windows, context] token ids from the start of the training text."""
-    from lm import training_text
+    from soft_tokenizer.lm import training_text
     ids = tokenizer(training_text()[:20000], add_special_tokens=False)["input_ids"]
     return torch.tensor(ids[:windows * context]).view(windows, context)
 
@@ -135,8 +135,8 @@ def assert_own_table_changes_nothing(lm, windows):
     """The identity splice: the LM's own table spliced in gives the same logits, and the e2e loss
     of its own rows (handed over as inputs_embeds, scaled as the LM scales them) is zero, both
     through the KL and through the residual stream after the first layer."""
-    from e2e import e2e_loss
-    from splice import splice_rows
+    from soft_tokenizer.e2e import e2e_loss
+    from soft_tokenizer.splice import splice_rows
     lm.eval().requires_grad_(False)
     with torch.no_grad():
         before = lm(input_ids=windows).logits

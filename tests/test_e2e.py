@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from e2e import e2e_loss
-from configurator import UserError
-from lm import hidden_after, load_tokenizer, training_text
+from soft_tokenizer.e2e import e2e_loss
+from soft_tokenizer.configurator import UserError
+from soft_tokenizer.lm import hidden_after, load_tokenizer, training_text
 from model import PAD
-from storage import data_identity, load_checkpoint, load_data, load_encoder
+from soft_tokenizer.storage import data_identity, load_checkpoint, load_data, load_encoder
 from helpers import ONE_THREAD, REPO, TINY_TRAIN, fails_with, files_under, run_script, succeeds
 
 E2E = ["--e2e_context=64", "--mse_weight=0"]
@@ -31,7 +31,7 @@ E2E = ["--e2e_context=64", "--mse_weight=0"]
 INTERRUPTED = """
 import runpy, sys
 sys.path.insert(0, {repo!r})
-import e2e
+from soft_tokenizer import e2e
 loss, calls = e2e.e2e_loss, []
 def interrupt_in_the_third_step(*args):
     calls.append(1)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from configurator import UserError
-from filling import read_names
-from lm import load_tokenizer
+from soft_tokenizer.configurator import UserError
+from soft_tokenizer.filling import read_names
+from soft_tokenizer.lm import load_tokenizer
 from helpers import ONE_THREAD, fails_with, run_script, stock_load, succeeds
 
 METHODS = ["soft", "fvt", "mean", "mean_resizing", "random"]

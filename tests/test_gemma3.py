@@ -16,9 +16,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lm import load_lm, load_tokenizer, resolve_model
-from spelling import token_bytes, untrained_rows
-from untrained import VERIFIED_BELOW, geometry_candidates, named_unused, repeat_probabilities
+from soft_tokenizer.lm import load_lm, load_tokenizer, resolve_model
+from soft_tokenizer.spelling import token_bytes, untrained_rows
+from soft_tokenizer.untrained import VERIFIED_BELOW, geometry_candidates, named_unused, repeat_probabilities
 from helpers import ONE_THREAD, TINY_TRAIN, assert_own_table_changes_nothing, first_windows, run_script, spelled_rows, succeeds
 
 UNUSED = 6242

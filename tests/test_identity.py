@@ -6,7 +6,7 @@ the LM's own rows is zero, which needs them scaled as the LM scales its own.
 import torch
 from transformers import AutoModelForCausalLM
 
-from lm import load_lm
+from soft_tokenizer.lm import load_lm
 from helpers import assert_own_table_changes_nothing, first_windows
 
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from lm import load_tokenizer, training_text
-from spelling import token_bytes, untrained_rows
+from soft_tokenizer.lm import load_tokenizer, training_text
+from soft_tokenizer.spelling import token_bytes, untrained_rows
 from helpers import ONE_THREAD, SPELLING_ENCODER, assert_own_table_changes_nothing, first_windows, generates, run_script, spelled_rows, stock_load, succeeds
 
 VOCAB, RANKS = 128256, 128000
@@ -140,7 +140,7 @@ def test_pipeline_runs_and_flags_the_reserved_rows(tiny_llama3, pipeline):
 def test_its_own_table_changes_nothing(tiny_llama3):
     """The identity splice (tests/test_identity.py) on Llama 3's 128,256-row table."""
     from transformers import AutoModelForCausalLM
-    from lm import load_tokenizer
+    from soft_tokenizer.lm import load_tokenizer
     lm = AutoModelForCausalLM.from_pretrained(tiny_llama3.folder, dtype=torch.float32)
     assert_own_table_changes_nothing(lm, first_windows(load_tokenizer(tiny_llama3.folder)))
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import END, PAD, START, ByteEncoder, ByteEncoderConfig, hub_ids, ngram_ids, softmax_negative_ids, trim_padding
-from spelling import encode_bytes
+from soft_tokenizer.spelling import encode_bytes
 
 WORDS = ["A", " the", "é", " Hello", "🤖", "def", "\n", " internationalization", "東京"]
 

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lm import load_tokenizer
-from storage import load_data, load_encoder
+from soft_tokenizer.lm import load_tokenizer
+from soft_tokenizer.storage import load_data, load_encoder
 from helpers import run_script, succeeds
 
 PNG = b"\x89PNG\r\n\x1a\n"

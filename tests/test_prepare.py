@@ -9,7 +9,7 @@ import numpy as np
 import sentencepiece
 from safetensors import safe_open
 
-from lm import resolve_model
+from soft_tokenizer.lm import resolve_model
 from model import END, PAD, START
 from helpers import BYTE_A, TOKEN_A, fails_with, files_under, mistral_tokenizer_model, run_script, succeeds
 
@@ -110,7 +110,7 @@ def test_block_grows_for_longer_tokens(tmp_path):
 def test_prepare_writes_the_split_and_text_counts(tiny_mistral, prepared_mistral, mistral_tokenizer):
     """The split is a property of the data: disjoint, every usable id in exactly one part,
     untrained and duplicate rows in none; the counts are the training text's own."""
-    from lm import training_text
+    from soft_tokenizer.lm import training_text
     data = prepared_mistral.data
     train_ids, select_ids, val_ids = (set(np.load(data / f"{part}_ids.npy").tolist()) for part in ("train", "select", "val"))
     _, _, meta = load_prepared(data)

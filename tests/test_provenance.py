@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from storage import data_identity
+from soft_tokenizer.storage import data_identity
 from helpers import ONE_THREAD, REPO, TINY_TRAIN, fails_with, files_under, run_script, succeeds
 
 
@@ -59,7 +59,7 @@ def test_an_lm_whose_table_is_not_the_datas_is_refused(tiny_mistral, evaluated_m
 def test_the_data_identity_is_a_hash_of_the_split():
     """Two splits with the same sum and count of held-out ids (what was compared before) differ."""
     def data(val_ids):
-        from storage import sha256
+        from soft_tokenizer.storage import sha256
         import numpy as np
         val = np.array(val_ids)
         return SimpleNamespace(meta={"model": "m", "vocab_size": 6, "dim": 2, "data_sha256": sha256(val)}, val_ids=torch.tensor(val_ids))
@@ -94,7 +94,7 @@ def test_pytest_from_the_repository_root_collects_the_suite():
 def test_the_time_budget_stops_the_run_and_decays_the_learning_rate(tiny_mistral, prepared_mistral, workdir, tmp_path):
     """The demo's budget is seconds of training: the run stops at the first step past it, and
     the schedule reaches min_lr there."""
-    from schedule import budget_used, get_lr
+    from soft_tokenizer.schedule import budget_used, get_lr
     assert budget_used(5, 150.0, 0, 300.0) == 0.5 and budget_used(5, 150.0, 10, 300.0) == 0.5
     assert get_lr(1000, budget_used(1000, 300.0, 0, 300.0), 50, 1e-3, 1e-4) == 1e-4
     args = [a for a in TINY_TRAIN if not a.startswith("--eval_interval_seconds")]

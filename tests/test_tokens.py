@@ -7,8 +7,8 @@ import sentencepiece
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from configurator import UserError
-from spelling import encode_bytes, token_bytes, tokenizer_kind
+from soft_tokenizer.configurator import UserError
+from soft_tokenizer.spelling import encode_bytes, token_bytes, tokenizer_kind
 from helpers import BYTE_A, TOKEN_A, mistral_tokenizer_model
 
 TEXTS = [

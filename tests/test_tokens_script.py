@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lm import load_tokenizer
-from spelling import token_bytes, untrained_rows
+from soft_tokenizer.lm import load_tokenizer
+from soft_tokenizer.spelling import token_bytes, untrained_rows
 from helpers import (BYTE_A, ONE_THREAD, SPELLING_ENCODER, TOKEN_A, files_under, fails_with, generates, run_script, spelled_rows,
                      stock_load, succeeds)
 

@@ -22,7 +22,7 @@ SHORT = [*TINY_TRAIN, "--warmup_iters=2", "--learning_rate=1e-3"]
 INTERRUPTED = """
 import runpy, sys
 sys.path.insert(0, {repo!r})
-import storage
+from soft_tokenizer import storage
 save = storage.save_checkpoint
 def save_then_interrupt(path, checkpoint):
     save(path, checkpoint)

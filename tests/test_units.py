@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from model import LossConfig, embedding_loss
-from schedule import batch_order, get_lr
-from storage import split_vocabulary
+from soft_tokenizer.schedule import batch_order, get_lr
+from soft_tokenizer.storage import split_vocabulary
 
 
 @pytest.fixture
@@ -116,14 +116,14 @@ def test_learning_rate_warms_up_then_decays_to_min_lr():
 
 def test_a_module_this_python_lacks_is_left_out_of_the_texts():
     """Pythons built without ssl or sqlite3 exist: their docstrings are skipped, not an ImportError."""
-    from lm import docstrings
+    from soft_tokenizer.lm import docstrings
     assert docstrings(["json", "a_module_no_python_has", "textwrap"]) == docstrings(["json", "textwrap"])
     assert "JSON" in docstrings(["json"])
 
 
 def test_chat_turns_are_paragraph_pairs_in_the_template(smollm2_tokenizer):
     """train_e2e.py's chat windows: SmolLM2's own template around pairs of the text's paragraphs."""
-    from lm import chat_turns, training_text
+    from soft_tokenizer.lm import chat_turns, training_text
     text = "\n\n".join(training_text().split("\n\n")[:4])
     rendered = smollm2_tokenizer.decode(chat_turns(smollm2_tokenizer, text))
     first, second, third, fourth = text.split("\n\n")
@@ -134,7 +134,7 @@ def test_chat_turns_are_paragraph_pairs_in_the_template(smollm2_tokenizer):
 
 
 def test_rank_prior_adds_its_tokens_by_zipf_over_the_ids():
-    from schedule import counts_with_rank_prior
+    from soft_tokenizer.schedule import counts_with_rank_prior
     text_counts = torch.tensor([0, 5, 0, 0, 7] + [0] * 995)
     assert torch.equal(counts_with_rank_prior(text_counts, 0.0), text_counts.double())
     counts = counts_with_rank_prior(text_counts, 1000.0)

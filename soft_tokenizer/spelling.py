@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-from configurator import UserError
+from soft_tokenizer.configurator import UserError
 from model import END, PAD, START
 
 

@@ -11,9 +11,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from configurator import UserError
-from lm import untie_head
-from storage import atomic_write, checkpoint_source
+from soft_tokenizer.configurator import UserError
+from soft_tokenizer.lm import untie_head
+from soft_tokenizer.storage import atomic_write, checkpoint_source
 
 PREDICTED_FILE = "new_embeddings.safetensors"
 

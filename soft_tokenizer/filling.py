@@ -15,9 +15,9 @@ import re
 import numpy as np
 import torch
 
-from configurator import UserError, progress
-from spelling import encode_bytes, token_piece, tokenizer_kind, untrained_rows
-from storage import load_encoder
+from soft_tokenizer.configurator import UserError, progress
+from soft_tokenizer.spelling import encode_bytes, token_piece, tokenizer_kind, untrained_rows
+from soft_tokenizer.storage import load_encoder
 
 METHODS = ("mean", "fvt", "soft")
 

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from configurator import UserError
+from soft_tokenizer.configurator import UserError
 from model import BYTE_VOCAB, ByteEncoder, ByteEncoderConfig
 
 DATA_FILES = ("input_ids.npy", "embeddings.npy", "train_ids.npy", "select_ids.npy", "val_ids.npy", "text_counts.npy")

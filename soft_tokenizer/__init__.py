@@ -1,0 +1,16 @@
+"""
+The library behind the scripts at the repository root: each module owns one idea.
+
+  configurator  settings (globals, config files, --key=value, --help), user errors, devices, progress bars
+  lm            the LM: finding and loading it, its tokenizer and table, the texts, perplexity
+  spelling      a token's bytes, as the encoder reads them
+  storage       data and checkpoint files, and what each came from
+  schedule      the learning rate, the budget and the batch order
+  metrics       how close predicted rows are to the true ones
+  e2e           the end-to-end loss: predicted rows read by the frozen LM
+  splice        predicted tables written, read back and spliced into the LM
+  untrained     finding the rows an LM never trained
+  filling       rows for added, repaired or repurposed tokens
+
+The byte encoder itself is model.py at the root, as in nanoGPT.
+"""
