@@ -82,7 +82,7 @@ def id_mask(token_ids):
     return mask
 
 
-groups = {"trained": id_mask(data.train_ids), "selection": id_mask(data.select_ids), "held-out": id_mask(data.val_ids),
+groups = {"trained": id_mask(data.train_ids), "val": id_mask(data.val_ids), "held-out": id_mask(data.test_ids),
           "in text": data.text_counts > 0,
           "special": flagged("special"), "untrained": flagged("untrained"), "duplicate": flagged("duplicate"),
           "all": torch.ones(vocab_size, dtype=torch.bool)}

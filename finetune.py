@@ -50,24 +50,24 @@ rows_from = ""  # instead: a JSON file {token: name}; a token the vocabulary has
 methods = "soft,fvt,mean,mean_resizing,random"  # for repurposed tokens: shipped instead of mean_resizing, random
 train_params = "new_rows,all"  # new_rows: only the new tokens' rows (input and output) train; all: the whole model
 steps = 20  # optimizer steps per method and setting (20 x 4 x 128 tokens: about 17 minutes for 5 methods x 2 settings on 2 CPU cores)
-batch_size = 4  # windows per step
-context = 128  # tokens per window
-learning_rate = 1e-3  # new_rows: Adam on the rows alone
-learning_rate_all = 5e-5  # all: the usual full fine-tuning rate
-eval_interval = 4  # steps between evaluations
+finetune_batch_size = 4  # windows per step
+finetune_context = 128  # tokens per window
+finetune_learning_rate = 1e-3  # new_rows: Adam on the rows alone
+finetune_learning_rate_all = 5e-5  # all: the usual full fine-tuning rate
+finetune_eval_interval = 4  # steps between evaluations
 eval_windows = 8  # windows of each part evaluated, drawn once among those that hold a new token (the same for every method)
 held_out_every = 10  # every this many-th document is held out
 seed = 0
 save_models = False  # also write every fine-tuned model to out_dir/NAME-models/SETTING-METHOD (a folder stock transformers loads)
 device = "auto"  # auto: cuda, then mps, then cpu
 configure(globals())
-for key in ("steps", "batch_size", "eval_interval", "eval_windows"):
+for key in ("steps", "finetune_batch_size", "finetune_eval_interval", "eval_windows"):
     check(globals(), key, 1)
-check(globals(), "context", 8)
+check(globals(), "finetune_context", 8)
 check(globals(), "held_out_every", 2)
 check(globals(), "new_words", 0)
-check(globals(), "learning_rate", 0, low_open=True)
-check(globals(), "learning_rate_all", 0, low_open=True)
+check(globals(), "finetune_learning_rate", 0, low_open=True)
+check(globals(), "finetune_learning_rate_all", 0, low_open=True)
 METHODS = ("soft", "fvt", "mean", "mean_resizing", "random", "shipped")
 method_list = [m for m in methods.split(",") if m]
 settings = [s for s in train_params.split(",") if s]
@@ -151,8 +151,8 @@ def make_model(method):
 
 
 def windows_of(ids, bos):
-    """The token stream cut into windows of `context` tokens, each led by BOS where the tokenizer adds one."""
-    step = context - (bos is not None)
+    """The token stream cut into windows of `finetune_context` tokens, each led by BOS where the tokenizer adds one."""
+    step = finetune_context - (bos is not None)
     cut = torch.tensor(ids[:len(ids) // step * step]).view(-1, step)
     return cut if bos is None else torch.cat([torch.full((len(cut), 1), bos), cut], 1)
 
@@ -164,9 +164,9 @@ windows = {part: windows_of(first_tokenizer("\n\n".join(part_docs), add_special_
 del first_lm
 generator = torch.Generator().manual_seed(seed)
 order = torch.randperm(len(windows["train"]), generator=generator)
-if steps * batch_size > len(order):
-    raise UserError(f"{steps} steps of {batch_size} windows need {steps * batch_size} windows but the training part has {len(order)}; "
-                    f"lower steps or batch_size, or use a longer text")
+if steps * finetune_batch_size > len(order):
+    raise UserError(f"{steps} steps of {finetune_batch_size} windows need {steps * finetune_batch_size} windows but the training part has {len(order)}; "
+                    f"lower steps or finetune_batch_size, or use a longer text")
 counts = {part: int(torch.isin(w, new_ids).sum()) for part, w in windows.items()}
 evaluated = {}
 for part, w in windows.items():
@@ -177,7 +177,7 @@ for part, w in windows.items():
 print(f"{model}: {len(names)} tokens ({len(added)} added, {len(repurposed)} repurposed), e.g. " +
       ", ".join(f"{t!r}" + (f" as {names[t]!r}" if names[t] != t else "") for t in list(names)[:6]))
 print(f"text: {len(docs)} documents; training part {windows['train'].numel()} tokens ({counts['train']} new), "
-      f"held-out part {windows['held_out'].numel()} tokens ({counts['held_out']} new); windows of {context}")
+      f"held-out part {windows['held_out'].numel()} tokens ({counts['held_out']} new); windows of {finetune_context}")
 
 
 # -----------------------------------------------------------------------------
@@ -197,7 +197,7 @@ def evaluate(lm):
     lm.eval()
     result = {}
     for part, w in evaluated.items():
-        pairs = [token_losses(lm, w[i:i + batch_size]) for i in range(0, len(w), batch_size)]
+        pairs = [token_losses(lm, w[i:i + finetune_batch_size]) for i in range(0, len(w), finetune_batch_size)]
         loss, new = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
         result[part] = {"all": loss.mean().item(), "new": loss[new].mean().item()}
     lm.train()
@@ -208,7 +208,7 @@ def trainable(lm, setting):
     """The parameters an optimizer steps. new_rows: the input (and an untied model's output) table
     only, its gradient masked to the new tokens' rows, so Adam leaves every other row exactly as it was."""
     if setting == "all":
-        return list(lm.parameters()), learning_rate_all
+        return list(lm.parameters()), finetune_learning_rate_all
     for p in lm.parameters():
         p.requires_grad_(False)
     tables = {id(t): t for t in (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight)}.values()
@@ -217,7 +217,7 @@ def trainable(lm, setting):
     for t in tables:
         t.requires_grad_(True)
         t.register_hook(lambda grad: grad * mask.to(grad.dtype))
-    return list(tables), learning_rate
+    return list(tables), finetune_learning_rate
 
 
 def fine_tune(method, setting):
@@ -228,7 +228,7 @@ def fine_tune(method, setting):
     curve = {"step": [], "train": {"all": [], "new": []}, "held_out": {"all": [], "new": []}, "step_loss": []}
     started = time.time()
     for step in progress(range(steps + 1), desc=f"{setting} {method}", dynamic_ncols=True, mininterval=10):
-        if step % eval_interval == 0 or step == steps:
+        if step % finetune_eval_interval == 0 or step == steps:
             result = evaluate(lm)
             curve["step"].append(step)
             for part in result:
@@ -238,7 +238,7 @@ def fine_tune(method, setting):
                        f"held-out {result['held_out']['all']:.4f} (new {result['held_out']['new']:.4f})")
         if step == steps:
             break
-        loss = token_losses(lm, windows["train"][order[step * batch_size:(step + 1) * batch_size]])[0].mean()
+        loss = token_losses(lm, windows["train"][order[step * finetune_batch_size:(step + 1) * finetune_batch_size]])[0].mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -266,7 +266,7 @@ def reached(setting, part, metric):
 
 summary = {}
 for setting in settings:
-    print(f"\n{setting}: {steps} steps of {batch_size} x {context} tokens; loss on {eval_windows} windows of each part "
+    print(f"\n{setting}: {steps} steps of {finetune_batch_size} x {finetune_context} tokens; loss on {eval_windows} windows of each part "
           f"(all tokens / where a new token is read or predicted)" + ("; 'reaches mean': first evaluated step at most mean's final loss" if "mean" in method_list else ""))
     columns = ["method"] + [f"{part} {metric}, step {when}" for part in ("train", "held_out") for metric in ("all", "new") for when in (0, steps)]
     summary[setting] = {}
@@ -294,7 +294,7 @@ report = {
              "held_out_every": held_out_every, "tokens": {part: w.numel() for part, w in windows.items()}, "new_tokens": counts},
     "tokens": [{"token": t, "name": names[t], "id": int(i), "repurposed": t in repurposed} for t, i in zip(order_of_ids, new_ids.tolist())],
     "encoder": checkpoint_source(encoder, out_dir) if encoder is not None else None,
-    "settings": {k: globals()[k] for k in ("steps", "batch_size", "context", "learning_rate", "learning_rate_all", "eval_interval",
+    "settings": {k: globals()[k] for k in ("steps", "finetune_batch_size", "finetune_context", "finetune_learning_rate", "finetune_learning_rate_all", "finetune_eval_interval",
                                            "eval_windows", "seed", "methods", "train_params", "new_words", "rows_from", "code_tags")},
     "runs": runs, "steps_to_mean": summary,
 }

@@ -3,8 +3,8 @@ Turn an LM's vocabulary into training data for the byte encoder, in data/<name>/
   input_ids.npy   uint16 [V, block]  [start] bytes [end] pad...
   embeddings.npy  float32 [V, D]     the LM's input-embedding rows
   train_ids.npy   int64              the ids trained on
-  select_ids.npy  int64              never trained on; they choose the checkpoint kept
-  val_ids.npy     int64              the held-out ids, never trained on nor chosen by: the new-token test
+  val_ids.npy     int64              never trained on; they choose the checkpoint kept
+  test_ids.npy     int64              the held-out ids, never trained on nor chosen by: the new-token test
   text_counts.npy int64 [V]          how often each token occurs in the training text (lm.training_text)
   meta.json       model, revision, sizes, hashes (table_sha256, data_sha256), and per token: text, bytes, flags
 Only the tokenizer and the input-embedding tensor are read, never the whole model, unless the table is tied
@@ -28,12 +28,12 @@ from soft_tokenizer.storage import DATA_FILES, atomic_write, data_dir, model_nam
 
 model = "smollm2"  # hub id, local folder, or "smollm2"
 block_size = 50  # the prototype's width; grows to fit longer tokens, never truncates
-val_fraction = 0.05  # share of the usable vocabulary held out, to measure what the encoder does on tokens it never saw
-select_fraction = 0.02  # share held out to choose the checkpoint kept (train.py always_save_checkpoint=False), never the test
+test_fraction = 0.05  # share of the usable vocabulary held out, to measure what the encoder does on tokens it never saw
+val_fraction = 0.02  # share held out to choose the checkpoint kept (train.py always_save_checkpoint=False), never the test
 split_seed = 1337  # fixes the split
 configure(globals())
+check(globals(), "test_fraction", 0.0, 1.0, high_open=True)
 check(globals(), "val_fraction", 0.0, 1.0, high_open=True)
-check(globals(), "select_fraction", 0.0, 1.0, high_open=True)
 
 folder, revision = resolve_model(model, only_embeddings=True)
 print(f"reading the tokenizer and the input embeddings of {model} ({folder})")
@@ -56,19 +56,19 @@ for i, ((data, flags), dead, norm) in enumerate(zip(tokens, untrained, norms)):
         flags = flags | {"untrained"}
     entries.append({"id": i, "text": data.decode("utf-8", errors="replace"), "bytes": data.hex(),
                     "norm": round(norm, 5), "flags": sorted(flags)})
-train_ids, select_ids, val_ids = split_vocabulary([e["id"] for e in entries if has_target(e["flags"])], val_fraction, select_fraction, split_seed)
+train_ids, val_ids, test_ids = split_vocabulary([e["id"] for e in entries if has_target(e["flags"])], test_fraction, val_fraction, split_seed)
 if len(train_ids) == 0:
-    raise UserError(f"no token of {model} is left to train on (val_fraction={val_fraction}, select_fraction={select_fraction}, "
-                    f"{len(val_ids) + len(select_ids)} usable tokens); lower them")
+    raise UserError(f"no token of {model} is left to train on (test_fraction={test_fraction}, val_fraction={val_fraction}, "
+                    f"{len(test_ids) + len(val_ids)} usable tokens); lower them")
 # how often each token occurs in text, for weighting and for scores that count what text uses
 text_ids = tokenizer(training_text(), add_special_tokens=False)["input_ids"]
 counts = np.bincount(np.asarray(text_ids, dtype=np.int64), minlength=len(tokens))[:len(tokens)]
-arrays = dict(zip(DATA_FILES, (input_ids, table.numpy().astype(np.float32), train_ids.numpy(), select_ids.numpy(), val_ids.numpy(), counts)))
+arrays = dict(zip(DATA_FILES, (input_ids, table.numpy().astype(np.float32), train_ids.numpy(), val_ids.numpy(), test_ids.numpy(), counts)))
 meta = {"model": model, "name": model_name(model), "revision": revision, "embedding_shard": os.path.basename(shard),
         "table_sha256": sha256(arrays["embeddings.npy"]), "data_sha256": sha256(*arrays.values()),
         "tokenizer_kind": kind, "vocab_size": len(tokens), "dim": table.shape[1], "block_size": input_ids.shape[1],
-        "val_fraction": val_fraction, "select_fraction": select_fraction, "split_seed": split_seed,
-        "train_tokens": len(train_ids), "select_tokens": len(select_ids), "val_tokens": len(val_ids),
+        "test_fraction": test_fraction, "val_fraction": val_fraction, "split_seed": split_seed,
+        "train_tokens": len(train_ids), "val_tokens": len(val_ids), "test_tokens": len(test_ids),
         "training_text_tokens": len(text_ids),
         "counts": {flag: sum(flag in e["flags"] for e in entries) for flag in ("special", "byte_fallback", "duplicate", "untrained")},
         "untrained_by_norm": len(found.by_norm), "untrained_candidates": len(found.candidates), "untrained_verified": len(found.verified),
@@ -86,6 +86,6 @@ body = ",\n".join(json.dumps(e, ensure_ascii=False) for e in entries)
 write_text_file(os.path.join(out, "meta.json"), f'{header},\n "tokens": [\n{body}\n]}}\n')
 lengths = (input_ids != PAD).sum(1) - 2
 print(f"wrote {out}/: {len(tokens)} tokens x {table.shape[1]} dims, {kind} tokenizer, block {input_ids.shape[1]}, "
-      f"mean token {lengths.mean():.2f} bytes, longest {lengths.max()}; {len(train_ids)} train / {len(select_ids)} selection / "
-      f"{len(val_ids)} held-out; " +
+      f"mean token {lengths.mean():.2f} bytes, longest {lengths.max()}; {len(train_ids)} train / {len(val_ids)} val / "
+      f"{len(test_ids)} held-out; " +
       ", ".join(f"{n} {flag}" for flag, n in meta["counts"].items()))

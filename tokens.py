@@ -258,9 +258,9 @@ def true_ranks(rows, table, ids, chunk=1024):
 def compare():
     data = load_data(model)
     source = load_checkpoint(out_dir, data_identity(data), checkpoint)
-    table, held = data.table, data.val_ids
+    table, held = data.table, data.test_ids
     if len(held) == 0:
-        raise UserError(f"the data in {data.folder} has no held-out tokens; prepare it with val_fraction above 0")
+        raise UserError(f"the data in {data.folder} has no held-out tokens; prepare it with test_fraction above 0")
     # the soft rows are the very rows test_mistral.py splices: evaluate.py's prediction of this checkpoint
     predicted, made_from = read_predicted_table(out_dir, source)
     texts = scoring_texts(text_file)

@@ -29,8 +29,8 @@ from soft_tokenizer.storage import STAGE_FILES, claim_out_dir, data_identity, lo
 model = "smollm2"  # whose table: data/<name>/ from prepare_mistral_data.py
 out_dir = "out-smollm2"  # ckpt.pt is written here
 init_from = "scratch"  # or "resume" from out_dir/ckpt.pt
-# False: save only when the selection tokens' select/cosine beats every earlier eval's; they are
-# never trained on and are not the held-out tokens, which stay the new-token test
+# False: save only when the val tokens' val/cosine beats every earlier eval's; they are never
+# trained on and are not the test tokens (the held-out ones), which stay the new-token test
 always_save_checkpoint = False
 eval_interval = 0  # iterations between evals; 0: none by iterations
 eval_interval_seconds = 60.0  # training seconds between evals; 0: none by time (there is always one at the end)
@@ -160,7 +160,7 @@ if compile and device_type == "cuda":
 if ddp:
     encoder = DDP(encoder, device_ids=[local_rank] if device_type == "cuda" else None)
 if master:
-    print(f"{data.meta['model']}: {len(train_ids)} train / {len(data.select_ids)} selection / {len(data.val_ids)} held-out tokens, table {data.meta['vocab_size']}x{data.meta['dim']}; "
+    print(f"{data.meta['model']}: {len(train_ids)} train / {len(data.val_ids)} val / {len(data.test_ids)} test (held-out) tokens, table {data.meta['vocab_size']}x{data.meta['dim']}; "
           f"encoder {raw_encoder.num_params() / 1e6:.2f}M params on {dev}" + (f" x{world}" if ddp else ""))
 
 # on a table whose rows share a large common direction (tied SmolLM2), a handful of rows
@@ -185,7 +185,7 @@ def loss_inputs(ids, rng):
 # weighted by how often it uses them: that last number tracks the spliced LM
 eval_rng = torch.Generator().manual_seed(seed)
 eval_sets = {split: (ids[torch.randperm(len(ids), generator=eval_rng)[:eval_sample]].to(dev), None)
-             for split, ids in (("train", data.train_ids), ("select", data.select_ids), ("val", data.val_ids))}
+             for split, ids in (("train", data.train_ids), ("val", data.val_ids), ("test", data.test_ids))}
 text_top = data.text_counts.argsort(descending=True)[:eval_sample]
 text_top = text_top[data.text_counts[text_top] > 0]
 eval_sets["text"] = (text_top.to(dev), data.text_counts[text_top].to(dev))
@@ -273,13 +273,13 @@ try:
                 next_timed_eval += eval_interval_seconds
             stats = evaluate()
             log_eval(stats)
-            selection = stats.get("select/cosine")  # None: no selection tokens, nothing to choose by
+            selection = stats.get("val/cosine")  # None: no val tokens, nothing to choose by
             # a NaN is not skipped: save() sees it and stops the run
             if iter_num > start_iter and (always_save_checkpoint or selection is None or not selection <= best_val):
                 best_val = best_val if selection is None else max(best_val, selection)
                 save(stats)
             elif iter_num > start_iter:
-                tqdm.write(f"not saved: select/cosine {selection:.4f} is not above the best so far, {best_val:.4f}")
+                tqdm.write(f"not saved: val/cosine {selection:.4f} is not above the best so far, {best_val:.4f}")
         if out_of_budget:
             break
 

@@ -98,7 +98,7 @@ if n_chat:
         raise UserError(f"the tokenizer's chat template does not render a user turn and an assistant turn ({e}); run with --e2e_chat_share=0") from None
     chat_windows = cut_windows(chat_ids, e2e_context, e2e_windows, "the training text as chat turns")
 input_ids, table, train_ids = data.input_ids.to(dev), data.table.to(dev), data.train_ids
-# the tokens never trained on (selection and held-out) keep the LM's own rows in a window
+# the tokens never trained on (val and test) keep the LM's own rows in a window
 frozen = torch.ones(len(table), dtype=torch.bool, device=dev)
 frozen[train_ids.to(dev)] = False
 # fresh optimizers at a small rate, since the regression got the rows close: AdamW for the dense

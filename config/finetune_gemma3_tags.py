@@ -10,4 +10,4 @@ code_tags = True
 rows_from = "config/gemma3_tags.json"
 methods = "shipped,mean,fvt,soft"
 # Gemma's 262,144-way head makes a step twice SmolLM2's: windows of 64 tokens keep 4 methods x 2 settings near 20 minutes
-context = 64
+finetune_context = 64

@@ -20,7 +20,7 @@ import torch
 from soft_tokenizer.configurator import UserError
 from model import BYTE_VOCAB, ByteEncoder, ByteEncoderConfig
 
-DATA_FILES = ("input_ids.npy", "embeddings.npy", "train_ids.npy", "select_ids.npy", "val_ids.npy", "text_counts.npy")
+DATA_FILES = ("input_ids.npy", "embeddings.npy", "train_ids.npy", "val_ids.npy", "test_ids.npy", "text_counts.npy")
 # what each training stage writes in out_dir: train.py the regression, train_e2e.py the end-to-end stage from it
 STAGE_FILES = {"regression": "ckpt.pt", "e2e": "e2e.pt"}
 
@@ -34,15 +34,15 @@ def data_dir(model):
     return os.path.join("data", model_name(model))
 
 
-def split_vocabulary(usable, val_fraction, select_fraction, seed):
-    """(train ids, selection ids, held-out ids): the usable ids split deterministically from the
-    seed. Neither the selection nor the held-out ids are ever trained on. The selection ids
-    choose the checkpoint kept; the held-out ids stand in for tokens the vocabulary never had,
+def split_vocabulary(usable, test_fraction, val_fraction, seed):
+    """(train ids, val ids, test ids): the usable ids split deterministically from the seed.
+    Neither the val nor the test ids are ever trained on. The val ids choose the checkpoint
+    kept; the test ids (the held-out tokens) stand in for tokens the vocabulary never had,
     and, chosen by nothing, they are the new-token test."""
     usable = torch.as_tensor(usable, dtype=torch.int64)
     order = usable[torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed))]
-    n_val, n_select = int(round(val_fraction * len(usable))), int(round(select_fraction * len(usable)))
-    parts = order[:n_val], order[n_val:n_val + n_select], order[n_val + n_select:]
+    n_test, n_val = int(round(test_fraction * len(usable))), int(round(val_fraction * len(usable)))
+    parts = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
     return tuple(part.sort().values for part in (parts[2], parts[1], parts[0]))
 
 
@@ -58,7 +58,7 @@ def sha256(*arrays):
 
 def load_data(model):
     """data/<name>/ as a namespace: input_ids [V, block] int64, table [V, D] float32, meta,
-    train_ids, select_ids and val_ids (the split), text_counts [V] (each token's count in the
+    train_ids, val_ids and test_ids (the split), text_counts [V] (each token's count in the
     training text)."""
     folder = data_dir(model)
     if not os.path.isfile(os.path.join(folder, "meta.json")):
@@ -75,8 +75,8 @@ def load_data(model):
             or arrays["text_counts"].shape != (vocab_size,) or input_ids.size == 0 or input_ids.max() >= BYTE_VOCAB):
         raise UserError(f"the prepared data in {folder} does not fit together (shapes or byte ids out of range); run again: python prepare_mistral_data.py --model={model}")
     return SimpleNamespace(input_ids=torch.from_numpy(input_ids.astype(np.int64)), table=torch.from_numpy(table.astype(np.float32)),
-                           meta=meta, train_ids=torch.from_numpy(arrays["train_ids"]), select_ids=torch.from_numpy(arrays["select_ids"]),
-                           val_ids=torch.from_numpy(arrays["val_ids"]),
+                           meta=meta, train_ids=torch.from_numpy(arrays["train_ids"]), val_ids=torch.from_numpy(arrays["val_ids"]),
+                           test_ids=torch.from_numpy(arrays["test_ids"]),
                            text_counts=torch.from_numpy(arrays["text_counts"]), folder=folder)
 
 

@@ -192,7 +192,7 @@ def mostly_held_out(tiny_mistral, workdir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "mostly-held-out"
     shutil.copytree(tiny_mistral.folder, folder)
     out_dir = folder.parent / "out-held-out"
-    succeeds(run_script("prepare_mistral_data.py", f"--model={folder}", "--val_fraction=0.9995", "--select_fraction=0",
+    succeeds(run_script("prepare_mistral_data.py", f"--model={folder}", "--test_fraction=0.9995", "--val_fraction=0",
                         "--split_seed=37", cwd=workdir))
     succeeds(run_script("train.py", f"--model={folder}", f"--out_dir={out_dir}", *TINY_TRAIN, "--max_iters=2",
                         "--eval_interval=2", cwd=workdir, env=ONE_THREAD))
@@ -207,7 +207,7 @@ def test_held_out_tokens_keep_their_own_rows_in_the_windows(mostly_held_out, wor
     monkeypatch.chdir(workdir)
     data = load_data(str(folder))
     text_tokens = set(load_tokenizer(folder)(training_text(), add_special_tokens=False)["input_ids"])
-    assert not text_tokens & set(data.train_ids.tolist()) and len(text_tokens & set(data.val_ids.tolist())) > 1000
+    assert not text_tokens & set(data.train_ids.tolist()) and len(text_tokens & set(data.test_ids.tolist())) > 1000
     (out_dir / "e2e.pt").unlink(missing_ok=True)
     succeeds(e2e_run(folder, out_dir, "--e2e_seconds=3", cwd=workdir))
     record = e2e_record(out_dir)

@@ -22,7 +22,7 @@ METHODS = ["soft", "fvt", "mean", "mean_resizing", "random"]
 def test_finetune_compares_every_method_and_trains_only_the_new_rows(tiny_mistral, trained_mistral, workdir):
     out_dir = trained_mistral.out_dir
     proc = succeeds(run_script("finetune.py", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", "--name=ft",
-                               "--new_words=4", "--steps=3", "--batch_size=2", "--context=32", "--eval_interval=2",
+                               "--new_words=4", "--steps=3", "--finetune_batch_size=2", "--finetune_context=32", "--finetune_eval_interval=2",
                                "--eval_windows=2", "--save_models=True", cwd=workdir, env=ONE_THREAD))
     report = json.loads((out_dir / "ft.json").read_text())
     assert (out_dir / "ft.png").stat().st_size > 10000 and "reaches mean" in proc.stdout

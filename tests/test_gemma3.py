@@ -93,7 +93,7 @@ def test_the_pipeline_runs_on_gemma_and_leaves_the_unused_rows_out(tiny_gemma3, 
     # a random LM repeats nothing, so every candidate is verified; the near copies are all found
     assert meta["untrained_by_norm"] == 0 and meta["untrained_verified"] == meta["untrained_candidates"] == len(untrained)
     assert len(set(tiny_gemma3.reference.tolist()) & untrained) >= 0.985 * UNUSED, prepare.stdout
-    used = set(np.load(data / "train_ids.npy").tolist()) | set(np.load(data / "select_ids.npy").tolist()) | set(np.load(data / "val_ids.npy").tolist())
+    used = set(np.load(data / "train_ids.npy").tolist()) | set(np.load(data / "val_ids.npy").tolist()) | set(np.load(data / "test_ids.npy").tolist())
     assert not used & untrained and meta["tokenizer_kind"] == "sentencepiece" and meta["vocab_size"] == 262144
     succeeds(run_script("train.py", model, f"--out_dir={out_dir}", *TINY_TRAIN, "--max_iters=10", "--eval_interval=10", cwd=workdir, env=ONE_THREAD))
     # repair fills exactly the rows the detector verified, from their bytes, and leaves the rest

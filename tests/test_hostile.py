@@ -115,9 +115,9 @@ def test_train_settings_out_of_range(setting, words, tiny_mistral, prepared_mist
 
 
 @pytest.mark.parametrize("fraction", ["-0.1", "1.0"])
-def test_prepare_val_fraction_out_of_range(fraction, tiny_mistral, tmp_path):
-    fails_with(run_script("prepare_mistral_data.py", f"--model={tiny_mistral.folder}", f"--val_fraction={fraction}", cwd=tmp_path),
-               f"val_fraction={float(fraction)}")
+def test_prepare_test_fraction_out_of_range(fraction, tiny_mistral, tmp_path):
+    fails_with(run_script("prepare_mistral_data.py", f"--model={tiny_mistral.folder}", f"--test_fraction={fraction}", cwd=tmp_path),
+               f"test_fraction={float(fraction)}")
     assert not (tmp_path / "data").exists()
 
 

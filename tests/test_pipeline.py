@@ -39,7 +39,7 @@ def test_evaluate_writes_predictions_report_and_plots(tiny_mistral, trained_mist
     groups = report["groups"]
     assert (report["vocab_size"], report["dim"], report["iter_num"]) == (32000, 64, 20)
     assert groups["all"]["count"] == 32000 and groups["untrained"]["count"] == len(tiny_mistral.untrained)
-    assert groups["trained"]["count"] == len(data.train_ids) and groups["held-out"]["count"] == len(data.val_ids)
+    assert groups["trained"]["count"] == len(data.train_ids) and groups["held-out"]["count"] == len(data.test_ids)
     assert 0.0 <= groups["all"]["top1"] <= 1.0 and -1.0 <= groups["all"]["cosine"] <= 1.0
     for png in ("norms.png", "accuracy_by_length.png"):
         assert (out_dir / png).read_bytes().startswith(PNG)
@@ -52,7 +52,7 @@ def test_evaluate_writes_predictions_report_and_plots(tiny_mistral, trained_mist
     assert new.shape == (32000, 64) and new.dtype == torch.float32
     torch.testing.assert_close(new, predicted, rtol=1e-4, atol=1e-6)
     # explained variance as evaluate.py defines it, recomputed here for the held-out tokens
-    held = data.val_ids
+    held = data.test_ids
     mean_row = data.table[data.train_ids].mean(0)
     explained = 1 - (predicted[held] - data.table[held]).pow(2).sum() / (data.table[held] - mean_row).pow(2).sum()
     assert groups["held-out"]["explained"] == pytest.approx(explained.item(), rel=1e-3, abs=1e-4)

@@ -112,13 +112,13 @@ def test_prepare_writes_the_split_and_text_counts(tiny_mistral, prepared_mistral
     untrained and duplicate rows in none; the counts are the training text's own."""
     from soft_tokenizer.lm import training_text
     data = prepared_mistral.data
-    train_ids, select_ids, val_ids = (set(np.load(data / f"{part}_ids.npy").tolist()) for part in ("train", "select", "val"))
+    train_ids, val_ids, test_ids = (set(np.load(data / f"{part}_ids.npy").tolist()) for part in ("train", "select", "val"))
     _, _, meta = load_prepared(data)
     usable = {t["id"] for t in meta["tokens"] if not {"untrained", "duplicate"} & set(t["flags"])}
-    assert not train_ids & val_ids and not train_ids & select_ids and not select_ids & val_ids
-    assert train_ids | select_ids | val_ids == usable
-    assert len(val_ids) == round(0.05 * len(usable)) and len(select_ids) == round(0.02 * len(usable))
-    assert (meta["train_tokens"], meta["select_tokens"], meta["val_tokens"]) == (len(train_ids), len(select_ids), len(val_ids))
+    assert not train_ids & test_ids and not train_ids & val_ids and not val_ids & test_ids
+    assert train_ids | val_ids | test_ids == usable
+    assert len(test_ids) == round(0.05 * len(usable)) and len(val_ids) == round(0.02 * len(usable))
+    assert (meta["train_tokens"], meta["val_tokens"], meta["test_tokens"]) == (len(train_ids), len(val_ids), len(test_ids))
     assert not (set(tiny_mistral.untrained) | {BYTE_A}) & usable and TOKEN_A in usable
     counts = np.load(data / "text_counts.npy")
     ids = mistral_tokenizer(training_text(), add_special_tokens=False)["input_ids"]

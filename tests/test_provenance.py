@@ -58,13 +58,13 @@ def test_an_lm_whose_table_is_not_the_datas_is_refused(tiny_mistral, evaluated_m
 
 def test_the_data_identity_is_a_hash_of_the_split():
     """Two splits with the same sum and count of held-out ids (what was compared before) differ."""
-    def data(val_ids):
+    def data(test_ids):
         from soft_tokenizer.storage import sha256
         import numpy as np
-        val = np.array(val_ids)
-        return SimpleNamespace(meta={"model": "m", "vocab_size": 6, "dim": 2, "data_sha256": sha256(val)}, val_ids=torch.tensor(val_ids))
+        val = np.array(test_ids)
+        return SimpleNamespace(meta={"model": "m", "vocab_size": 6, "dim": 2, "data_sha256": sha256(val)}, test_ids=torch.tensor(test_ids))
     first, second = data([1, 4]), data([2, 3])
-    assert first.val_ids.sum() == second.val_ids.sum() and len(first.val_ids) == len(second.val_ids)
+    assert first.test_ids.sum() == second.test_ids.sum() and len(first.test_ids) == len(second.test_ids)
     assert data_identity(first) != data_identity(second)
 
 

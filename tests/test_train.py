@@ -1,7 +1,7 @@
 """
 train.py's promises: two processes give what one gives, an interrupted run resumed gives
 what an uninterrupted one gives, a run whose loss blows up keeps its last good checkpoint, and
-a run told to keeps the checkpoint that is best on the held-out tokens.
+a run told to keeps the checkpoint that is best on the val tokens.
 """
 import json
 import re
@@ -114,8 +114,8 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tiny_mistral, trained_mi
     assert files_under(out_dir) == before
 
 
-def test_the_checkpoint_kept_is_the_best_on_the_selection_tokens(tiny_mistral, prepared_mistral, workdir, tmp_path):
-    """always_save_checkpoint=False: the checkpoint is the eval with the highest select/cosine,
+def test_the_checkpoint_kept_is_the_best_on_the_val_tokens(tiny_mistral, prepared_mistral, workdir, tmp_path):
+    """always_save_checkpoint=False: the checkpoint is the eval with the highest val/cosine,
     not the last one, and not the one best on the held-out tokens, which are the new-token test.
     At this learning rate the numbers go up and down."""
     out_dir, log = tmp_path / "out-best", tmp_path / "evals.jsonl"
@@ -123,9 +123,9 @@ def test_the_checkpoint_kept_is_the_best_on_the_selection_tokens(tiny_mistral, p
                           "--min_lr=3e-2", "--max_iters=30", "--eval_interval=2", "--always_save_checkpoint=False",
                           f"--log_file={log}", cwd=workdir))
     evals = [json.loads(line) for line in log.read_text().splitlines()][1:]  # the eval at iteration 0 is never saved
-    selection, held_out = [e["select/cosine"] for e in evals], [e["val/cosine"] for e in evals]
+    selection, held_out = [e["val/cosine"] for e in evals], [e["test/cosine"] for e in evals]
     best = evals[selection.index(max(selection))]["iter"]
-    # or this run could tell neither best from last nor the selection from the test
+    # or this run could tell neither best from last nor the val tokens from the test tokens
     assert best != evals[-1]["iter"] and best != evals[held_out.index(max(held_out))]["iter"], (selection, held_out)
     assert load(out_dir)["iter_num"] == best
-    assert "not saved: select/cosine" in proc.stderr + proc.stdout
+    assert "not saved: val/cosine" in proc.stderr + proc.stdout
