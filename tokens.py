@@ -59,6 +59,8 @@ device = "auto"  # compare: auto: cuda, then mps, then cpu
 show_rows = 40  # detect: rows listed of each group of candidates
 # `python tokens.py COMMAND [config.py] [--key=value ...] [--tokens STRING ...]`: everything
 # after --tokens is a string to add, spaces and all
+if sys.argv[1:2] in (["--help"], ["-h"]):
+    configure(globals())
 if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
     raise UserError(f"the first argument must be a command: {', '.join(COMMANDS)}; e.g. python tokens.py detect --model=smollm2")
 command = sys.argv[1]

@@ -34,28 +34,56 @@ sys.excepthook = _one_sentence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where the scripts are
 # the scripts that read config files; a key none of them declares is a typo, not another script's option
-SCRIPTS = ("prepare_mistral_data.py", "train.py", "train_e2e.py", "evaluate.py", "test_mistral.py", "tokens.py", "bench.py", "finetune.py")
+SCRIPTS = ("prepare_mistral_data.py", "train.py", "train_e2e.py", "evaluate.py", "test_mistral.py", "tokens.py", "bench.py", "gpu_check.py", "finetune.py")
+
+
+def settings_of(source):
+    """The statements of a script that set its options: its module-level assignments to
+    lowercase names before it calls configure()."""
+    settings = []
+    for node in ast.parse(source).body:
+        if "configure(" in ast.unparse(node):
+            break
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and not t.id.isupper() for t in node.targets):
+            settings.append(node)
+    return settings
 
 
 def declared_options():
-    """Every option some script declares: the names it assigns at module level before it calls configure()."""
+    """Every option some script declares."""
     names = set()
     for script in SCRIPTS:
         with open(os.path.join(REPO, script), encoding="utf-8") as f:
-            tree = ast.parse(f.read())
-        for node in tree.body:
-            if isinstance(node, ast.Expr) and "configure(" in ast.unparse(node):
-                break
-            if isinstance(node, ast.Assign):
-                names.update(t.id for t in node.targets if isinstance(t, ast.Name) and not t.id.isupper())
+            for node in settings_of(f.read()):
+                names.update(t.id for t in node.targets if isinstance(t, ast.Name))
     return names
+
+
+def print_help(config):
+    """`python train.py --help`: the script's docstring, then its settings as the script sets
+    them, with their comments, since the source is where a researcher changes them."""
+    print((config.get("__doc__") or "").strip())
+    with open(config["__file__"], encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    settings = settings_of("\n".join(lines))
+    if not settings:
+        return
+    first = settings[0].lineno - 1
+    while first > 0 and lines[first - 1].startswith("#") and not lines[first - 1].startswith("# ---"):
+        first -= 1  # the comment that introduces the first setting
+    print("\nsettings (change them here, in a config file, or as --key=value):\n")
+    print("\n".join(line for line in lines[first:settings[-1].end_lineno] if not line.startswith(("import ", "from "))))
 
 
 def configure(config, argv=None):
     """Apply a config file and --key=value overrides to the dict of a script's globals."""
     # UPPERCASE globals are constants (PAD), not options
     known = {k for k, v in config.items() if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str, type(None)))}
-    for arg in (sys.argv[1:] if argv is None else argv):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print_help(config)
+        sys.exit(0)
+    for arg in argv:
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
                 raise UserError(f"config file {arg} does not exist; pass a path such as config/smollm2_cpu.py")

@@ -4,6 +4,7 @@ mistral-common) on a randomly initialised 2-layer MistralForCausalLM, saved as a
 safetensors checkpoint the way the hub stores the real one.
 """
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -11,6 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+# before anything imports huggingface_hub, which reads it once: scripts run in-process are offline too
+os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 from helpers import REPO, SHRUNK, TINY_TRAIN, ZEROED, mistral_tokenizer_model, run_script, succeeds
 

@@ -3,9 +3,13 @@ What the tests share: the tiny Mistral's constants, and running the repository's
 the way a user does and checking how they end.
 """
 import importlib.util
+import io
 import os
+import runpy
 import subprocess
 import sys
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -81,6 +85,33 @@ def run_script(script, *args, cwd, env=None, timeout=600):
     """`python <script> --key=value ...` from cwd; data/ lands in cwd, as for a user."""
     return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env or script_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_in_process(script, *args, cwd):
+    """A run that must end in a user's mistake, inside the test process: the script's own code
+    from the top, without the seconds a new Python spends importing torch and transformers.
+    Returns what run_script returns, the sentence as the scripts' excepthook prints it, so
+    fails_with reads both alike (test_errors.py checks that hook once, in a real process)."""
+    from soft_tokenizer.configurator import UserError
+    out, err, returncode = io.StringIO(), io.StringIO(), 0
+    argv, here = sys.argv, os.getcwd()
+    sys.argv = [str(REPO / script), *map(str, args)]
+    os.chdir(cwd)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            runpy.run_path(str(REPO / script), run_name="__main__")
+    except UserError as error:
+        err.write(f"error: {error}\n")
+        returncode = 1
+    except SystemExit as stop:
+        returncode = stop.code if isinstance(stop.code, int) else 1
+    except Exception:
+        err.write(traceback.format_exc())
+        returncode = 1
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+    return subprocess.CompletedProcess(sys.argv, returncode, out.getvalue(), err.getvalue())
 
 
 def succeeds(proc):

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from soft_tokenizer.configurator import UserError
 from soft_tokenizer.filling import read_names
 from soft_tokenizer.lm import load_tokenizer
-from helpers import ONE_THREAD, fails_with, run_script, stock_load, succeeds
+from helpers import ONE_THREAD, fails_with, run_in_process, run_script, stock_load, succeeds
 
 METHODS = ["soft", "fvt", "mean", "mean_resizing", "random"]
 
@@ -62,7 +62,7 @@ def test_finetune_compares_every_method_and_trains_only_the_new_rows(tiny_mistra
     assert not torch.allclose(tuned, mean_row.expand_as(tuned), atol=1e-4)
     assert (tuned - mean_row).abs().max() < 0.1  # 3 Adam steps of 1e-3 move a coordinate at most 3e-3
     # a second run that would save its models over the first's is refused before it trains
-    fails_with(run_script("finetune.py", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", "--name=ft", "--save_models=True",
+    fails_with(run_in_process("finetune.py", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", "--name=ft", "--save_models=True",
                           cwd=workdir), "already exists")
 
 
@@ -93,7 +93,7 @@ def test_repurpose_and_add_make_rows_from_a_name(tiny_mistral, workdir, tmp_path
     assert tokenizer(" zorblax", add_special_tokens=False)["input_ids"] == [32000]
     assert torch.allclose(lm.get_input_embeddings().weight[32000], spelled_table[pieces].mean(0), atol=1e-6)
 
-    fails_with(run_script("tokens.py", "repurpose", f"--model={tiny_mistral.folder}", f"--rows_from={described}", "--method=mean",
+    fails_with(run_in_process("tokens.py", "repurpose", f"--model={tiny_mistral.folder}", f"--rows_from={described}", "--method=mean",
                           f"--save={workdir / 'y'}", cwd=workdir), "not a token of")
     assert not (workdir / "y").exists()
     names.write_text("{not json")

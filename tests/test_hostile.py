@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY_TRAIN, fails_with, files_under, run_script, succeeds
+from helpers import TINY_TRAIN, fails_with, files_under, run_in_process, run_script, succeeds
 
 
 class WritesMarker:
@@ -33,10 +33,10 @@ def test_a_checkpoint_never_runs_code(tiny_mistral, prepared_mistral, trained_mi
     assert marker.exists()
     marker.unlink()
     for script, args in (("evaluate.py", []), ("train.py", ["--init_from=resume", "--max_iters=40"])):
-        proc = run_script(script, f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", *args, cwd=workdir)
+        proc = run_in_process(script, f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", *args, cwd=workdir)
         fails_with(proc, "not a checkpoint this repo can read", "never run")
         assert not marker.exists()
-    proc = run_script("tokens.py", "compare", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", cwd=workdir)
+    proc = run_in_process("tokens.py", "compare", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", cwd=workdir)
     fails_with(proc, "never run")
     assert not marker.exists()
 
@@ -61,7 +61,7 @@ def test_corrupt_checkpoint_is_one_sentence(tiny_mistral, trained_mistral, workd
     shutil.copytree(trained_mistral.out_dir, out_dir)
     corrupt_checkpoint(out_dir / "ckpt.pt", how)
     before = files_under(out_dir)
-    fails_with(run_script("evaluate.py", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", cwd=workdir), "ckpt.pt")
+    fails_with(run_in_process("evaluate.py", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", cwd=workdir), "ckpt.pt")
     assert files_under(out_dir) == before
 
 
@@ -80,20 +80,20 @@ def test_corrupt_data_is_one_sentence(tiny_mistral, prepared_mistral, tmp_path, 
         ids = np.load(data / "input_ids.npy")
         ids[5, 3] = 300  # no byte id is above 258
         np.save(data / "input_ids.npy", ids)
-    proc = run_script("train.py", f"--model={tiny_mistral.folder}", f"--out_dir={tmp_path / 'out'}", *TINY_TRAIN, "--max_iters=2", cwd=tmp_path)
+    proc = run_in_process("train.py", f"--model={tiny_mistral.folder}", f"--out_dir={tmp_path / 'out'}", *TINY_TRAIN, "--max_iters=2", cwd=tmp_path)
     fails_with(proc, "prepare_mistral_data.py")
     assert not (tmp_path / "out").exists()
 
 
 def test_prepare_on_a_folder_without_a_model(tmp_path):
     (tmp_path / "empty").mkdir()
-    fails_with(run_script("prepare_mistral_data.py", f"--model={tmp_path / 'empty'}", cwd=tmp_path), "no config.json")
-    fails_with(run_script("tokens.py", "detect", f"--model={tmp_path / 'empty'}", cwd=tmp_path), "no config.json")
+    fails_with(run_in_process("prepare_mistral_data.py", f"--model={tmp_path / 'empty'}", cwd=tmp_path), "no config.json")
+    fails_with(run_in_process("tokens.py", "detect", f"--model={tmp_path / 'empty'}", cwd=tmp_path), "no config.json")
 
 
 def test_unwritable_out_dir_fails_before_the_work(tiny_mistral, prepared_mistral, workdir):
     """As root, only a folder such as /proc refuses writes; it used to fail after training."""
-    proc = run_script("train.py", f"--model={tiny_mistral.folder}", "--out_dir=/proc/soft-tokenizer-test", *TINY_TRAIN, cwd=workdir)
+    proc = run_in_process("train.py", f"--model={tiny_mistral.folder}", "--out_dir=/proc/soft-tokenizer-test", *TINY_TRAIN, cwd=workdir)
     fails_with(proc, "cannot write to /proc/soft-tokenizer-test")
     assert "iter 1:" not in proc.stdout + proc.stderr
 
@@ -109,14 +109,14 @@ def test_unwritable_out_dir_fails_before_the_work(tiny_mistral, prepared_mistral
     ("--device=cuda", "no CUDA GPU"),
 ])
 def test_train_settings_out_of_range(setting, words, tiny_mistral, prepared_mistral, workdir, tmp_path):
-    proc = run_script("train.py", f"--model={tiny_mistral.folder}", f"--out_dir={tmp_path / 'out'}", *TINY_TRAIN, setting, cwd=workdir)
+    proc = run_in_process("train.py", f"--model={tiny_mistral.folder}", f"--out_dir={tmp_path / 'out'}", *TINY_TRAIN, setting, cwd=workdir)
     fails_with(proc, words)
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("fraction", ["-0.1", "1.0"])
 def test_prepare_test_fraction_out_of_range(fraction, tiny_mistral, tmp_path):
-    fails_with(run_script("prepare_mistral_data.py", f"--model={tiny_mistral.folder}", f"--test_fraction={fraction}", cwd=tmp_path),
+    fails_with(run_in_process("prepare_mistral_data.py", f"--model={tiny_mistral.folder}", f"--test_fraction={fraction}", cwd=tmp_path),
                f"test_fraction={float(fraction)}")
     assert not (tmp_path / "data").exists()
 
@@ -124,11 +124,11 @@ def test_prepare_test_fraction_out_of_range(fraction, tiny_mistral, tmp_path):
 @pytest.mark.parametrize("source", ["raise ValueError('no')", "n_layer = = 2"], ids=["raises", "syntax-error"])
 def test_broken_config_file(source, tmp_path):
     (tmp_path / "broken.py").write_text(source)
-    fails_with(run_script("train.py", "broken.py", cwd=tmp_path), "config file broken.py failed to run")
+    fails_with(run_in_process("train.py", "broken.py", cwd=tmp_path), "config file broken.py failed to run")
 
 
 def test_bench_needs_a_positive_budget(tmp_path):
-    fails_with(run_script("bench.py", "--minutes=0", cwd=tmp_path), "minutes=0.0 is out of range")
+    fails_with(run_in_process("bench.py", "--minutes=0", cwd=tmp_path), "minutes=0.0 is out of range")
 
 
 @pytest.mark.parametrize("kind", ["latin-1", "binary", "folder"])
@@ -140,7 +140,7 @@ def test_bad_text_file(kind, tiny_mistral, evaluated_mistral, workdir, tmp_path)
         path.write_bytes(b"\x00\x01\x02 ELF" * 50)
     else:
         path.mkdir()
-    proc = run_script("test_mistral.py", f"--model={tiny_mistral.folder}", f"--out_dir={evaluated_mistral.out_dir}",
+    proc = run_in_process("test_mistral.py", f"--model={tiny_mistral.folder}", f"--out_dir={evaluated_mistral.out_dir}",
                       f"--text_file={path}", cwd=workdir)
     fails_with(proc, {"latin-1": "not UTF-8", "binary": "binary", "folder": "is a folder"}[kind])
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from soft_tokenizer.lm import resolve_model
 from model import END, PAD, START
-from helpers import BYTE_A, TOKEN_A, fails_with, files_under, mistral_tokenizer_model, run_script, succeeds
+from helpers import BYTE_A, TOKEN_A, fails_with, files_under, mistral_tokenizer_model, run_in_process, run_script, succeeds
 
 
 def load_prepared(folder):
@@ -88,7 +88,7 @@ def test_missing_embedding_shard_is_one_sentence(tiny_mistral, tmp_path):
     folder = tmp_path / "no-embedding-shard"
     shutil.copytree(tiny_mistral.folder, folder)
     (folder / tiny_mistral.embedding_shard).unlink()
-    proc = run_script("prepare_mistral_data.py", f"--model={folder}", cwd=tmp_path)
+    proc = run_in_process("prepare_mistral_data.py", f"--model={folder}", cwd=tmp_path)
     fails_with(proc, tiny_mistral.embedding_shard)
     assert files_under(tmp_path / "data") == {}
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from soft_tokenizer.lm import load_tokenizer
 from soft_tokenizer.spelling import token_bytes, untrained_rows
-from helpers import (BYTE_A, ONE_THREAD, SPELLING_ENCODER, TOKEN_A, files_under, fails_with, generates, run_script, spelled_rows,
+from helpers import (BYTE_A, ONE_THREAD, SPELLING_ENCODER, TOKEN_A, files_under, fails_with, generates, run_in_process, run_script, spelled_rows,
                      stock_load, succeeds)
 
 BYTE_a, TOKEN_a = 100, 28708  # <0x61> and "a"
@@ -141,7 +141,7 @@ def test_add_on_a_tied_byte_level_model(smollm2_tokenizer, workdir, tmp_path_fac
 
 def test_compare_prints_the_table(spelled, workdir):
     """compare reads its soft rows from evaluate.py's predicted table, the one the splice uses."""
-    fails_with(tokens_py("compare", f"--model={spelled.folder}", f"--out_dir={spelled.out_dir}", cwd=workdir), "run: python evaluate.py")
+    fails_with(run_in_process("tokens.py", "compare", f"--model={spelled.folder}", f"--out_dir={spelled.out_dir}", cwd=workdir), "run: python evaluate.py")
     succeeds(run_script("evaluate.py", f"--model={spelled.folder}", f"--out_dir={spelled.out_dir}", cwd=workdir, env=ONE_THREAD))
     proc = succeeds(tokens_py("compare", f"--model={spelled.folder}", f"--out_dir={spelled.out_dir}",
                               "--eval_tokens=128", "--context=64", cwd=workdir))
@@ -153,11 +153,11 @@ def test_compare_prints_the_table(spelled, workdir):
 
 def test_mistakes_end_in_one_sentence(spelled, repaired, workdir):
     before = files_under(repaired["soft"])
-    fails_with(tokens_py("repair", f"--model={spelled.folder}", f"--save={repaired['soft']}", cwd=workdir), "already exists")
+    fails_with(run_in_process("tokens.py", "repair", f"--model={spelled.folder}", f"--save={repaired['soft']}", cwd=workdir), "already exists")
     assert files_under(repaired["soft"]) == before
-    fails_with(tokens_py("repair", f"--model={spelled.folder}", "--method=median", "--save=x", cwd=workdir), "method='median' is not known")
-    fails_with(tokens_py("add", f"--model={spelled.folder}", "--method=soft", f"--out_dir={workdir / 'nowhere'}",
+    fails_with(run_in_process("tokens.py", "repair", f"--model={spelled.folder}", "--method=median", "--save=x", cwd=workdir), "method='median' is not known")
+    fails_with(run_in_process("tokens.py", "add", f"--model={spelled.folder}", "--method=soft", f"--out_dir={workdir / 'nowhere'}",
                          f"--save={workdir / 'x'}", "--tokens", " zorblax", cwd=workdir), "no checkpoint")
-    fails_with(tokens_py("add", f"--model={spelled.folder}", "--method=mean", f"--save={workdir / 'x'}",
+    fails_with(run_in_process("tokens.py", "add", f"--model={spelled.folder}", "--method=mean", f"--save={workdir / 'x'}",
                          "--tokens", " the", cwd=workdir), "already token")
     assert not (workdir / "x").exists()
