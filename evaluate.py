@@ -32,7 +32,7 @@ out_dir = "out-smollm2"  # holds the checkpoints; the plots, eval.json and new_e
 checkpoint = "auto"  # regression (train.py's ckpt.pt), e2e (train_e2e.py's e2e.pt), or auto: the last stage that ran
 predict_batch_size = 1024  # tokens per encoder forward pass
 top1_rows = 0  # top-1 is V x V x D work: 0 scores every row, else this many rows drawn at random (the same ones each run)
-device = "auto"  # auto: cuda, then mps, then cpu
+device = "auto"  # auto: cuda, else cpu (never mps: configurator.pick_device)
 # inside a Jupyter kernel sys.argv holds the kernel's own flags: edit the globals above instead
 configure(globals(), [] if "ipykernel" in sys.modules else None)
 check(globals(), "predict_batch_size", 1)

@@ -59,7 +59,7 @@ eval_windows = 8  # windows of each part evaluated, drawn once among those that 
 held_out_every = 10  # every this many-th document is held out
 seed = 0
 save_models = False  # also write every fine-tuned model to out_dir/NAME-models/SETTING-METHOD (a folder stock transformers loads)
-device = "auto"  # auto: cuda, then mps, then cpu
+device = "auto"  # auto: cuda, else cpu (never mps: configurator.pick_device)
 configure(globals())
 for key in ("steps", "finetune_batch_size", "finetune_eval_interval", "eval_windows"):
     check(globals(), key, 1)

@@ -51,12 +51,18 @@ started = time.time()
 if not os.path.isfile(os.path.join(data_dir(model), "meta.json")):
     run("prepare_mistral_data.py")
 seconds = 60 * minutes
-run("train.py", f"--out_dir={out_dir}", f"--max_seconds={seconds * (1 - e2e_share)}", "--max_iters=0")
+# the steps and samples/s reported are the last line of train.py's log, the last step's (there
+# is always an eval at the end), not the checkpoint's: it keeps the step best on the val tokens
+log = os.path.join(out_dir, "train.jsonl")
+if os.path.exists(log):
+    os.remove(log)  # train.py appends to it
+run("train.py", f"--out_dir={out_dir}", f"--max_seconds={seconds * (1 - e2e_share)}", "--max_iters=0", f"--log_file={log}")
 run("train_e2e.py", f"--out_dir={out_dir}", f"--e2e_seconds={seconds * e2e_share}")
 run("evaluate.py", f"--out_dir={out_dir}")
 run("test_mistral.py", f"--out_dir={out_dir}")
 
-regression = read_checkpoint(os.path.join(out_dir, STAGE_FILES["regression"]))
+with open(log) as f:
+    last = json.loads(f.read().splitlines()[-1])
 e2e = read_checkpoint(os.path.join(out_dir, STAGE_FILES["e2e"]))["e2e"]
 with open(os.path.join(out_dir, "eval.json")) as f:
     groups = json.load(f)["groups"]
@@ -64,7 +70,7 @@ with open(os.path.join(out_dir, "splice.json")) as f:
     splice = json.load(f)
 device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {os.cpu_count()} cores"
 rows = [("prepare_mistral_data.py", stages.get("prepare_mistral_data.py"), "data/ was there already" if "prepare_mistral_data.py" not in stages else ""),
-        ("train.py", stages["train.py"], f"{regression['iter_num']} steps, {regression['samples_total'] / regression['train_seconds']:.0f} samples/s"),
+        ("train.py", stages["train.py"], f"{last['iter']} steps, {last['samples'] / last['seconds']:.0f} samples/s"),
         ("train_e2e.py", stages["train_e2e.py"], f"{e2e['steps']} steps, {e2e['seconds'] / e2e['steps']:.2f} s a step"),
         ("evaluate.py", stages["evaluate.py"], f"held-out cosine {groups['held-out']['cosine']:.3f}, in-text cosine {groups['in text']['cosine']:.3f}"),
         ("test_mistral.py", stages["test_mistral.py"], ", ".join(f"{ratio:.3f}x" for ratio in splice["ratio"].values())

@@ -33,7 +33,7 @@ context = 512  # a text is scored in independent windows of this many tokens
 # whose rows are spliced: all; in_text, the tokens the training text uses; not_in_text, the others.
 # The rest keep the LM's own rows, which says where a splice's loss comes from (splice-in_text.json, ...)
 splice_tokens = "all"
-device = "auto"  # auto: cuda, then mps, then cpu
+device = "auto"  # auto: cuda, else cpu (never mps: configurator.pick_device)
 dtype = "auto"  # auto: bfloat16 on cuda, float32 elsewhere; or float32, bfloat16, float16
 configure(globals())
 for key in ("max_new_tokens", "eval_tokens", "context"):

@@ -55,7 +55,7 @@ rows_from = ""  # add, repurpose: a JSON file {token: the string its row is made
 text_file = ""  # compare: text for perplexity; empty: the two evaluation texts from Python's documentation
 eval_tokens = 2048  # compare: perplexity over the first this many tokens of each text
 context = 512  # compare: a text is scored in windows of this many tokens
-device = "auto"  # compare: auto: cuda, then mps, then cpu
+device = "auto"  # compare: auto: cuda, else cpu (never mps: configurator.pick_device)
 show_rows = 40  # detect: rows listed of each group of candidates
 # `python tokens.py COMMAND [config.py] [--key=value ...] [--tokens STRING ...]`: everything
 # after --tokens is a string to add, spaces and all

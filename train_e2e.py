@@ -44,7 +44,7 @@ e2e_save_seconds = 60.0  # e2e.pt is saved each time this much more training tim
 e2e_regression_tokens = 256  # training tokens drawn from the whole vocabulary each step for the MSE term
 mse_weight = 100.0  # the MSE term's weight, as in train.py (a config file sets both)
 seed = 1337
-device = "auto"  # auto: cuda, then mps, then cpu
+device = "auto"  # auto: cuda, else cpu (never mps: configurator.pick_device)
 dtype = "auto"  # the frozen LM's: auto is bfloat16 on cuda, float32 elsewhere; or float32, bfloat16, float16
 configure(globals())
 for key in ("e2e_context", "e2e_windows"):

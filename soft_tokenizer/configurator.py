@@ -135,15 +135,17 @@ def check(config, key, low=None, high=None, *, low_open=False, high_open=False):
 
 
 def pick_device(device, local_rank=0):
-    """"auto" means CUDA, then MPS, then the CPU; under torchrun each process takes its own GPU."""
+    """"auto" means CUDA, else the CPU; under torchrun each process takes its own GPU. Never
+    MPS: it lacks the sparse kernels (sparse Embedding gradients, SparseAdam) the n-gram table
+    trains with."""
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "mps":
+        raise UserError("device=mps is not supported, since MPS lacks the sparse kernels the n-gram table needs; use device=cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={device} but this machine has no CUDA GPU; use device=auto or device=cpu")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device=mps but this machine has no MPS; use device=auto or device=cpu")
-    if device not in ("cpu", "mps") and not device.startswith("cuda"):
-        raise UserError(f"device={device!r} is not known; use auto, cpu, cuda or mps")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"device={device!r} is not known; use auto, cpu or cuda")
     return f"cuda:{local_rank}" if device == "cuda" else device
 
 
