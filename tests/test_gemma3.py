@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from soft_tokenizer.lm import load_lm, load_tokenizer, resolve_model
 from soft_tokenizer.spelling import token_bytes, untrained_rows
-from soft_tokenizer.untrained import VERIFIED_BELOW, geometry_candidates, named_unused, repeat_probabilities
+from soft_tokenizer.untrained import VERIFIED_BELOW, find_untrained, geometry_candidates, named_unused, repeat_probabilities
 from helpers import ONE_THREAD, TINY_TRAIN, assert_own_table_changes_nothing, first_windows, run_script, spelled_rows, succeeds
 
 UNUSED = 6242
@@ -35,10 +35,25 @@ def test_the_norms_see_nothing_but_the_geometry_finds_the_unused_rows(gemma):
     assert len(gemma.table) == 262144 and untrained_rows(gemma.table).sum() == 0
     reference = named_unused(gemma.pieces)
     assert len(reference) == UNUSED and all(re.fullmatch(r"<unused\d+>", gemma.pieces[i]) for i in reference)
-    candidates, scores, line, recall = geometry_candidates(gemma.table, reference)
-    assert recall >= 0.985 and torch.isin(reference, candidates).float().mean() >= 0.985
-    assert len(candidates) < 2 * UNUSED  # it singles out a few rows, not the table
+    # the mean and the line from one random half of the named rows, recall on the other half, which
+    # neither saw (on the half that drew it, recall is 99% by construction; measured here: 98.9%)
+    g = torch.Generator().manual_seed(0)
+    shuffled = reference[torch.randperm(UNUSED, generator=g)]
+    seen, unseen = shuffled[:UNUSED // 2], shuffled[UNUSED // 2:]
+    candidates, scores, line, _ = geometry_candidates(gemma.table, seen)
+    assert torch.isin(unseen, candidates).float().mean() >= 0.98
+    assert len(candidates) < 1.5 * UNUSED  # it singles out a few rows, not the table (measured: 8,922)
     assert scores[gemma.tokenizer.convert_tokens_to_ids("▁Paris")] < line
+    # the candidates no name marks are untrained too, as the LM itself says: it cannot repeat them,
+    # while it repeats most rows below the line (64 of each; measured: it cannot repeat 100% and 16%;
+    # rows drawn at random, many of them rare tokens, would be near the second)
+    others = candidates[~torch.isin(candidates, reference)]
+    below = torch.ones(len(gemma.table), dtype=torch.bool)
+    below[candidates], below[reference] = False, False
+    below = below.nonzero()[:, 0]
+    sample = torch.cat([others[torch.randperm(len(others), generator=g)[:64]], below[torch.randperm(len(below), generator=g)[:64]]])
+    unrepeated = repeat_probabilities(gemma.lm, gemma.tokenizer, sample) < VERIFIED_BELOW
+    assert unrepeated[:64].float().mean() >= 0.9 and unrepeated[64:].float().mean() <= 0.4, unrepeated
 
 
 def test_the_lm_cannot_repeat_unused_tokens_but_repeats_words(gemma):
@@ -47,6 +62,28 @@ def test_the_lm_cannot_repeat_unused_tokens_but_repeats_words(gemma):
     probabilities = repeat_probabilities(gemma.lm, gemma.tokenizer, torch.tensor(unused + words))
     assert (probabilities[:len(unused)] < VERIFIED_BELOW).all(), probabilities
     assert (probabilities[len(unused):] > VERIFIED_BELOW).all(), probabilities
+
+
+def test_a_candidate_the_lm_repeats_is_kept_as_trained(gemma):
+    """find_untrained end to end, its verdict checked through the LM: on the table's first 1,000
+    rows (so the candidates fit in one batch of the LM; they hold <unused0> to <unused98>), with
+    four common tokens' rows set to the mean of those unused rows. The geometry takes them for
+    unused; the LM, which reads its own rows, repeats them, so they stay trained, while the unused
+    rows it cannot repeat are verified untrained."""
+    table = gemma.table[:1000].clone()
+    unused = named_unused(gemma.pieces[:1000])
+    planted = torch.tensor(gemma.tokenizer.convert_tokens_to_ids(["▁the", "▁and", "▁of", "ing"]))
+    table[planted] = table[unused].mean(0)
+    found = find_untrained("gemma3", gemma.tokenizer, table, tied=True, lm=gemma.lm)
+    assert len(unused) == 99 and len(found.by_norm) == 0
+    assert torch.isin(planted, found.candidates).all()
+    probability = dict(zip(found.candidates.tolist(), found.probabilities.tolist()))
+    assert all(probability[i] > VERIFIED_BELOW for i in planted.tolist()), probability
+    assert not found.untrained[planted].any() and not torch.isin(planted, found.verified).any()
+    # the unused rows are verified (measured: all but two, <unused97> below the line and <unused0>,
+    # which the LM repeats with 1.2%), and the verdict is the verified rows, no more
+    assert torch.isin(unused, found.verified).float().mean() >= 0.95
+    assert torch.equal(found.untrained.nonzero()[:, 0], found.verified.sort().values)
 
 
 def test_its_own_table_changes_nothing_when_rows_are_scaled_as_gemma_scales_them(gemma):

@@ -9,11 +9,13 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from soft_tokenizer.storage import data_identity
+from soft_tokenizer.storage import DATA_FILES, data_identity, sha256
 from helpers import ONE_THREAD, REPO, TINY_TRAIN, fails_with, files_under, run_script, succeeds
 
 
@@ -56,24 +58,46 @@ def test_an_lm_whose_table_is_not_the_datas_is_refused(tiny_mistral, evaluated_m
     fails_with(proc, f"input table of {folder} is not the one", "prepare_mistral_data.py")
 
 
-def test_the_data_identity_is_a_hash_of_the_split():
-    """Two splits with the same sum and count of held-out ids (what was compared before) differ."""
-    def data(test_ids):
-        from soft_tokenizer.storage import sha256
-        import numpy as np
-        val = np.array(test_ids)
-        return SimpleNamespace(meta={"model": "m", "vocab_size": 6, "dim": 2, "data_sha256": sha256(val)}, test_ids=torch.tensor(test_ids))
-    first, second = data([1, 4]), data([2, 3])
-    assert first.test_ids.sum() == second.test_ids.sum() and len(first.test_ids) == len(second.test_ids)
-    assert data_identity(first) != data_identity(second)
-
-
-def test_a_checkpoint_of_another_split_is_refused(tiny_mistral, trained_mistral, tmp_path):
+@pytest.fixture(scope="module")
+def other_split(tiny_mistral, tmp_path_factory):
     """The same model prepared again in another folder with another split_seed."""
-    succeeds(run_script("prepare_mistral_data.py", f"--model={tiny_mistral.folder}", "--split_seed=7", cwd=tmp_path))
+    cwd = tmp_path_factory.mktemp("other-split")
+    succeeds(run_script("prepare_mistral_data.py", f"--model={tiny_mistral.folder}", "--split_seed=7", cwd=cwd))
+    return SimpleNamespace(cwd=cwd, data=cwd / "data" / tiny_mistral.name)
+
+
+def written(folder):
+    """meta.json and the arrays prepare wrote in folder."""
+    return json.loads((folder / "meta.json").read_text()), {name: np.load(folder / name) for name in DATA_FILES}
+
+
+def test_the_data_identity_is_a_hash_of_the_files_prepare_wrote_and_of_the_split(prepared_mistral, other_split):
+    meta, arrays = written(prepared_mistral.data)
+    other_meta, other_arrays = written(other_split.data)
+    # what meta.json says is what the files hold, as a reader recomputes it
+    assert meta["data_sha256"] == sha256(*arrays.values()) and other_meta["data_sha256"] == sha256(*other_arrays.values())
+    assert meta["table_sha256"] == other_meta["table_sha256"] == sha256(arrays["embeddings.npy"])
+    # another split of the same table, bytes and counts: only the split differs, and the identity with it
+    for name in ("input_ids.npy", "embeddings.npy", "text_counts.npy"):
+        assert np.array_equal(arrays[name], other_arrays[name]), name
+    test, train = arrays["test_ids.npy"], arrays["train_ids.npy"]
+    assert len(test) == len(other_arrays["test_ids.npy"]) and not np.array_equal(test, other_arrays["test_ids.npy"])
+    assert data_identity(SimpleNamespace(meta=meta)) != data_identity(SimpleNamespace(meta=other_meta))
+    # a split that keeps the held-out ids' count and sum (what was compared before) changes the hash
+    # too: two held-out ids traded for two training ids of the same sum
+    a, b = test[0], test[1]
+    in_train = set(train.tolist())
+    c = next(c for c in train if c != a + b - c and a + b - c in in_train)
+    traded = {**arrays, "test_ids.npy": np.sort(np.concatenate([test[2:], [c, a + b - c]])),
+              "train_ids.npy": np.sort(np.concatenate([train[(train != c) & (train != a + b - c)], [a, b]]))}
+    assert traded["test_ids.npy"].sum() == test.sum() and len(traded["test_ids.npy"]) == len(test)
+    assert sha256(*traded.values()) != meta["data_sha256"]
+
+
+def test_a_checkpoint_of_another_split_is_refused(tiny_mistral, trained_mistral, other_split, tmp_path):
     out_dir = tmp_path / "out"
     shutil.copytree(trained_mistral.out_dir, out_dir)
-    fails_with(run_script("evaluate.py", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", cwd=tmp_path), "other prepared data")
+    fails_with(run_script("evaluate.py", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", cwd=other_split.cwd), "other prepared data")
 
 
 def test_a_misspelled_key_in_a_config_file_is_one_sentence(tmp_path):
@@ -95,7 +119,9 @@ def test_the_time_budget_stops_the_run_and_decays_the_learning_rate(tiny_mistral
     """The demo's budget is seconds of training: the run stops at the first step past it, and
     the schedule reaches min_lr there."""
     from soft_tokenizer.schedule import budget_used, get_lr
-    assert budget_used(5, 150.0, 0, 300.0) == 0.5 and budget_used(5, 150.0, 10, 300.0) == 0.5
+    # the iterations when the run has max_iters, whatever the clock says; else the seconds
+    assert budget_used(5, 60.0, 10, 300.0) == 0.5 and budget_used(5, 270.0, 10, 300.0) == 0.5
+    assert budget_used(5, 60.0, 0, 300.0) == 0.2
     assert get_lr(1000, budget_used(1000, 300.0, 0, 300.0), 50, 1e-3, 1e-4) == 1e-4
     args = [a for a in TINY_TRAIN if not a.startswith("--eval_interval_seconds")]
     succeeds(run_script("train.py", f"--model={tiny_mistral.folder}", f"--out_dir={tmp_path / 'out'}", *args, "--max_seconds=3",

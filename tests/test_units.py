@@ -105,6 +105,43 @@ def test_batches_of_an_epoch():
     assert padding(bucketed) < 0.3 * padding(batches)
 
 
+def test_weighted_batches_draw_each_token_in_proportion_to_its_weight():
+    """train.py's sample_power: weights[j] is the weight of train_ids[j], and an epoch draws
+    len(train_ids) ids with replacement, each in proportion to its weight."""
+    g = torch.Generator().manual_seed(0)
+    # ids that are not positions (5, 8, 11, ...), so a position returned as an id shows
+    train_ids = torch.arange(5, 3005, 3)
+    lengths = torch.randint(1, 40, (3005,), generator=g)
+    # 50 tokens 10 times as heavy as the 900 light ones, and 50 that must never come, at random places
+    heavy, light, never = torch.randperm(len(train_ids), generator=g).split([50, 900, 50])
+    weights = torch.ones(len(train_ids))
+    weights[heavy], weights[never] = 10.0, 0.0
+    epochs, batch_size = 40, 40  # 1000 = 25 full batches: nothing dropped, 40,000 draws
+    counts = torch.zeros(3005, dtype=torch.int64)
+    for epoch in range(epochs):
+        batches = batch_order(train_ids, lengths, epoch, batch_size, False, 1, weights)
+        assert len(batches) == 25 and all(len(b) == batch_size for b in batches)
+        # bucketing by length reorders an epoch's draws, never changes them
+        assert torch.equal(torch.cat(batches).sort().values,
+                           torch.cat(batch_order(train_ids, lengths, epoch, batch_size, True, 1, weights)).sort().values)
+        counts += torch.bincount(torch.cat(batches), minlength=3005)
+    assert counts.sum() == epochs * len(train_ids)
+    assert counts[train_ids].sum() == counts.sum()  # every id drawn is one of train_ids
+    assert counts[train_ids[never]].sum() == 0
+    # each token's count against its binomial expectation, within 5 standard deviations
+    draws, p = epochs * len(train_ids), weights / weights.sum()
+    expected, sd = draws * p, (draws * p * (1 - p)).sqrt()
+    assert ((counts[train_ids] - expected).abs() <= 5 * sd + 1e-9).all()
+    # a heavy token comes 10 times as often as a light one: the ratio of their mean counts, within
+    # 4 standard deviations of it (each mean's relative one is 1 / sqrt(its group's total count))
+    ratio = counts[train_ids[heavy]].double().mean() / counts[train_ids[light]].double().mean()
+    relative_sd = (1 / expected[heavy].sum() + 1 / expected[light].sum()).sqrt()
+    assert abs(ratio / 10 - 1) <= 4 * relative_sd, (ratio, relative_sd)
+    # without weights, each token exactly once an epoch
+    for epoch in range(3):
+        assert torch.equal(torch.cat(batch_order(train_ids, lengths, epoch, batch_size, False, 1)).sort().values, train_ids)
+
+
 def test_learning_rate_warms_up_then_decays_to_min_lr():
     lr = [get_lr(step, step / 100, warmup_steps=10, max_lr=1e-3, min_lr=1e-4) for step in range(101)]
     assert lr[0] == pytest.approx(1e-3 * 1 / 11, rel=1e-3) and lr[4] < lr[9]
