@@ -27,4 +27,4 @@ demo: install
 	$(PYTHON) test_mistral.py $(CONFIG)
 
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=10
