@@ -112,7 +112,7 @@ def test_prepare_writes_the_split_and_text_counts(tiny_mistral, prepared_mistral
     untrained and duplicate rows in none; the counts are the training text's own."""
     from soft_tokenizer.lm import training_text
     data = prepared_mistral.data
-    train_ids, val_ids, test_ids = (set(np.load(data / f"{part}_ids.npy").tolist()) for part in ("train", "select", "val"))
+    train_ids, val_ids, test_ids = (set(np.load(data / f"{part}_ids.npy").tolist()) for part in ("train", "val", "test"))
     _, _, meta = load_prepared(data)
     usable = {t["id"] for t in meta["tokens"] if not {"untrained", "duplicate"} & set(t["flags"])}
     assert not train_ids & test_ids and not train_ids & val_ids and not val_ids & test_ids

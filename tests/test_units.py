@@ -75,15 +75,15 @@ def test_softmax_counts_every_token_once(rows):
 
 def test_split_is_deterministic_disjoint_and_sized():
     usable = torch.arange(0, 1000, 3)
-    train, select, val = split_vocabulary(usable, 0.1, 0.05, seed=7)
-    assert all(torch.equal(a, b) for a, b in zip((train, select, val), split_vocabulary(usable, 0.1, 0.05, seed=7)))
-    assert len(val) == round(0.1 * len(usable)) and len(select) == round(0.05 * len(usable))
-    assert len(train) + len(select) + len(val) == len(usable)
-    parts = [set(part.tolist()) for part in (train, select, val)]
+    train, val, test = split_vocabulary(usable, 0.1, 0.05, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip((train, val, test), split_vocabulary(usable, 0.1, 0.05, seed=7)))
+    assert len(test) == round(0.1 * len(usable)) and len(val) == round(0.05 * len(usable))
+    assert len(train) + len(val) + len(test) == len(usable)
+    parts = [set(part.tolist()) for part in (train, val, test)]
     assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
     assert parts[0] | parts[1] | parts[2] == set(usable.tolist())
     assert torch.equal(train, train.sort().values)
-    assert not torch.equal(split_vocabulary(usable, 0.1, 0.05, seed=8)[2], val)
+    assert not torch.equal(split_vocabulary(usable, 0.1, 0.05, seed=8)[2], test)
     assert [len(part) for part in split_vocabulary(usable, 0.0, 0.0, seed=7)[1:]] == [0, 0]
 
 
