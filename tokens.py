@@ -42,7 +42,7 @@ from soft_tokenizer.filling import METHODS, add_tokens, fill_output_rows, new_ro
 from soft_tokenizer.lm import is_tied, load_lm, load_tokenizer, perplexity, read_input_embeddings, resolve_model, scoring_texts
 from soft_tokenizer.splice import read_predicted_table, splice_rows
 from soft_tokenizer.spelling import token_bytes, untrained_rows, vocab_id
-from soft_tokenizer.storage import check_lm_table, data_identity, load_checkpoint, load_data, save_model_folder, untrained_in
+from soft_tokenizer.storage import check_lm_table, data_dir, data_identity, load_checkpoint, load_data, save_model_folder, untrained_in
 from soft_tokenizer.untrained import VERIFIED_BELOW, find_untrained
 
 COMMANDS = ("detect", "repair", "add", "repurpose", "compare")
@@ -56,7 +56,7 @@ text_file = ""  # compare: text for perplexity; empty: the two evaluation texts 
 eval_tokens = 2048  # compare: perplexity over the first this many tokens of each text
 context = 512  # compare: a text is scored in windows of this many tokens
 device = "auto"  # compare: auto: cuda, else cpu (never mps: configurator.pick_device)
-show_rows = 40  # detect: rows listed of each group of candidates
+show_rows = 40  # rows listed: by detect, of each group of candidates; by repair, add and repurpose, of the rows they fill
 # `python tokens.py COMMAND [config.py] [--key=value ...] [--tokens STRING ...]`: everything
 # after --tokens is a string to add, spaces and all
 if sys.argv[1:2] in (["--help"], ["-h"]):
@@ -104,7 +104,11 @@ def describe(tokens, tokenizer, token_id):
 
 def show_nearest(rows, table, known, tokens, tokenizer, ids):
     """Where the filling put each token: its nearest known row by cosine and, for a token with
-    a twin (a known token of the same bytes, as "A" is for <0x41>), the cosine to the twin."""
+    a twin (a known token of the same bytes, as "A" is for <0x41>), the cosine to the twin. The
+    first show_rows tokens: all 6,242 of Gemma's unused rows would be a page of lines and seconds of V x D work."""
+    if len(ids) > show_rows:
+        print(f"(the first {show_rows} of {len(ids)}; --show_rows for more)")
+        rows, ids = rows[:show_rows], ids[:show_rows]
     candidates = known.nonzero()[:, 0]
     cosine = F.normalize(rows, dim=1) @ F.normalize(table[candidates], dim=1).T
     best, where = cosine.max(1)
@@ -167,6 +171,17 @@ def detect():
             print(f"{token_id:>8} score {found.scores[token_id]:.3f}  p(repeat) {probability[token_id]:.4f}  {describe(tokens, tokenizer, token_id)}")
 
 
+def untrained_verdict(tokenizer, table, tied, lm):
+    """[V] bool, the untrained rows: prepare's verdict where data/<model>/ was prepared from this
+    very table (on a tied table the detector takes the LM minutes: Gemma 3's 141 s), else the detector's now."""
+    if os.path.isfile(os.path.join(data_dir(model), "meta.json")):
+        data = load_data(model)
+        if data.table.shape == table.shape and torch.equal(data.table, table):
+            print(f"untrained rows: prepare's verdict in {data.folder}")
+            return untrained_in(data)
+    return find_untrained(model, tokenizer, table, tied, lm).untrained
+
+
 def load_for_rows():
     """The LM (in the checkpoint's dtype, so a 7B model in bfloat16 stays 14 GB), its tokenizer,
     its tokens' bytes, its table, the rows the detector trusts, and the encoder where soft needs it."""
@@ -174,7 +189,7 @@ def load_for_rows():
     tokens, kind = token_bytes(tokenizer)
     embed = lm.get_input_embeddings().weight
     table = embed.detach()[:len(tokens)].float().clone()
-    known = ~find_untrained(model, tokenizer, table, embed is lm.get_output_embeddings().weight, lm).untrained
+    known = ~untrained_verdict(tokenizer, table, embed is lm.get_output_embeddings().weight, lm)
     trained = None
     if method == "soft":
         trained = load_checkpoint(out_dir, {"model": model, "vocab_size": len(tokens), "dim": table.shape[1]}, checkpoint)

@@ -123,7 +123,8 @@ def tiny_gemma3(tmp_path_factory):
 
 def test_the_pipeline_runs_on_gemma_and_leaves_the_unused_rows_out(tiny_gemma3, workdir):
     model, out_dir = f"--model={tiny_gemma3.folder}", workdir / "out-tiny-gemma3"
-    prepare = succeeds(run_script("prepare_mistral_data.py", model, cwd=workdir, env=ONE_THREAD))
+    # both cores: the detector's matrices are 262,144 rows long
+    prepare = succeeds(run_script("prepare_mistral_data.py", model, cwd=workdir))
     data = workdir / "data" / tiny_gemma3.folder.name
     meta = json.loads((data / "meta.json").read_text())
     untrained = {t["id"] for t in meta["tokens"] if "untrained" in t["flags"]}
@@ -135,7 +136,9 @@ def test_the_pipeline_runs_on_gemma_and_leaves_the_unused_rows_out(tiny_gemma3, 
     succeeds(run_script("train.py", model, f"--out_dir={out_dir}", *TINY_TRAIN, "--max_iters=10", "--eval_interval=10", cwd=workdir, env=ONE_THREAD))
     # repair fills exactly the rows the detector verified, from their bytes, and leaves the rest
     save = workdir / "tiny-gemma3-repaired"
-    succeeds(run_script("tokens.py", "repair", model, f"--out_dir={out_dir}", "--method=soft", f"--save={save}", cwd=workdir, env=ONE_THREAD))
+    repair = succeeds(run_script("tokens.py", "repair", model, f"--out_dir={out_dir}", "--method=soft", f"--save={save}", cwd=workdir, env=ONE_THREAD))
+    # the detector's verdict is prepare's, read from meta.json, not a second run of the LM over every candidate
+    assert "untrained rows: prepare's verdict in" in repair.stdout
     before = AutoModelForCausalLM.from_pretrained(tiny_gemma3.folder).get_input_embeddings().weight.detach()
     after = AutoModelForCausalLM.from_pretrained(save).get_input_embeddings().weight.detach()
     changed = set((before != after).any(1).nonzero()[:, 0].tolist())
