@@ -2,6 +2,7 @@
 What the tests share: the tiny Mistral's constants, and running the repository's scripts
 the way a user does and checking how they end.
 """
+import gc
 import importlib.util
 import io
 import os
@@ -111,6 +112,9 @@ def run_in_process(script, *args, cwd):
     finally:
         sys.argv = argv
         os.chdir(here)
+        # what a process lets go of when it exits: the script's globals, and with them an
+        # out_dir's lock (storage.claim_out_dir), held by frames the traceback kept in a cycle
+        gc.collect()
     return subprocess.CompletedProcess(sys.argv, returncode, out.getvalue(), err.getvalue())
 
 

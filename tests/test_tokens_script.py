@@ -142,7 +142,8 @@ def test_add_on_a_tied_byte_level_model(smollm2_tokenizer, workdir, tmp_path_fac
 def test_compare_prints_the_table(spelled, workdir):
     """compare reads its soft rows from evaluate.py's predicted table, the one the splice uses."""
     fails_with(run_in_process("tokens.py", "compare", f"--model={spelled.folder}", f"--out_dir={spelled.out_dir}", cwd=workdir), "run: python evaluate.py")
-    succeeds(run_script("evaluate.py", f"--model={spelled.folder}", f"--out_dir={spelled.out_dir}", cwd=workdir, env=ONE_THREAD))
+    # top-1 on a sample of rows: compare reads the predicted table, not the top-1
+    succeeds(run_script("evaluate.py", f"--model={spelled.folder}", f"--out_dir={spelled.out_dir}", "--top1_rows=1024", cwd=workdir, env=ONE_THREAD))
     proc = succeeds(tokens_py("compare", f"--model={spelled.folder}", f"--out_dir={spelled.out_dir}",
                               "--eval_tokens=128", "--context=64", cwd=workdir))
     lines = re.findall(r"^\| (\w+)[^|]*\| ([\d.]+) \|", proc.stdout, re.M)
