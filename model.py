@@ -33,11 +33,16 @@ class ByteEncoderConfig:
     # so no vector ever stands for one whole token
     ngram_max: int = 0  # 0: no n-grams
     ngram_buckets: int = 2**18
+    # the table's RMS row norm (train.py measures it): the head predicts rows in units of it and
+    # the loss compares them so, which makes the loss's settings mean the same on every LM
+    # (SmolLM2's rows have norm 3.25, Gemma 3's 1.03). 1.0: raw units, as older checkpoints were trained
+    row_scale: float = 1.0
 
 
 @dataclass
 class LossConfig:
-    """A weighted sum of L1, MSE and a softmax over table rows (the prototype metric's own loss)."""
+    """A weighted sum of L1, MSE and a softmax over table rows (the prototype metric's own loss),
+    on rows in units of the table's RMS row norm (ByteEncoderConfig.row_scale)."""
     l1_weight: float = 1.0
     mse_weight: float = 1.0
     softmax_weight: float = 0.0
@@ -199,10 +204,13 @@ class ByteEncoder(nn.Module):
             x = block(x, keep)
         # the state at the [end] position sums up the whole token
         end = keep.sum(1) - 1
-        pred = self.head(self.ln_f(x[torch.arange(B, device=idx.device), end]))
+        unit_rows = self.head(self.ln_f(x[torch.arange(B, device=idx.device), end]))
+        scale = self.config.row_scale
         if targets is None:
-            return pred, None
-        return pred, embedding_loss(pred, targets, loss, **loss_inputs)
+            return unit_rows * scale, None
+        if loss_inputs.get("negatives") is not None:
+            loss_inputs = {**loss_inputs, "negatives": loss_inputs["negatives"] / scale}
+        return unit_rows * scale, embedding_loss(unit_rows, targets / scale, loss, **loss_inputs)
 
     def ngram_vectors(self, idx, keep):
         """The sum of the vectors of the n-grams that end at each position."""

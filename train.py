@@ -54,11 +54,14 @@ trim_batches = True  # cut each batch to its longest token instead of the full b
 bucket_by_length = True  # batch tokens of similar length together, so little padding is left
 # loss (model.embedding_loss): weighted sum of L1, MSE and a softmax over table rows
 l1_weight = 0.0
-mse_weight = 100.0  # train_e2e.py's MSE anchor has this weight too
+# the loss compares rows in units of the table's RMS row norm (model.ByteEncoderConfig.row_scale),
+# so these settings mean the same on every LM; on SmolLM2 (norm 3.25) they are the earlier
+# recipe's mse_weight 100 and temperature 0.2 in its raw units, to 6%
+mse_weight = 1000.0  # train_e2e.py's MSE anchor has this weight too
 softmax_weight = 1.0
 softmax_negatives = 4096  # 0: all V rows; else this many rows sampled per step plus the batch's own
 softmax_hub_negatives = 256  # with sampled negatives, also always the rows with the largest dot product with the mean row
-softmax_temperature = 0.2
+softmax_temperature = 0.02
 softmax_min_count = 0  # the softmax term only for tokens the training text uses at least this often; the rest get L1/MSE alone
 token_weight_power = 0.0  # each token's loss is weighted by (1 + its count in the training text) ** this
 # the spliced LM reads the tokens text uses: draw them in proportion to (1 + count) ** this; 0: each once an epoch
@@ -132,7 +135,8 @@ else:
     checkpoint = None
     model_args = dict(block_size=data.meta["block_size"], n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                       n_out=data.meta["dim"], head_hidden=head_hidden, dropout=dropout, bias=bias,
-                      ngram_max=ngram_max, ngram_buckets=ngram_buckets)
+                      ngram_max=ngram_max, ngram_buckets=ngram_buckets,
+                      row_scale=data.table[data.train_ids].norm(dim=1).pow(2).mean().sqrt().item())
 encoder = ByteEncoder(ByteEncoderConfig(**model_args)).to(dev)
 optimizers = encoder.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 loss_config = LossConfig(l1_weight, mse_weight, softmax_weight, softmax_temperature)

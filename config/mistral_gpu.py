@@ -1,6 +1,7 @@
 # Mistral-7B-v0.1's table (32000 x 4096) on one GPU, at the prototype's encoder size, with this
 # repo's batching and a softmax over the whole table; none of the CPU recipe's n-grams,
-# frequency sampling or e2e stage, and not yet run on a GPU (README)
+# frequency sampling or e2e stage, and not yet run on a GPU (README). The loss weights are
+# train.py's, which are in units of the table's RMS row norm and so carry over from SmolLM2
 model = "mistralai/Mistral-7B-v0.1"
 out_dir = "out-mistral"
 n_layer = 4
@@ -18,9 +19,7 @@ eval_interval = 500
 eval_interval_seconds = 0.0
 always_save_checkpoint = True
 l1_weight = 0.0
-mse_weight = 100.0
 softmax_weight = 1.0
 softmax_negatives = 0
-softmax_temperature = 1.0
 sample_power = 0.0
 rank_prior_tokens = 0.0

@@ -35,7 +35,9 @@ def e2e_loss(encoder, lm, windows, input_ids, table, frozen, anchors, mse_weight
     embed = lm.get_input_embeddings()
     tokens, where = windows.unique(return_inverse=True)
     rows, _ = encoder(trim_padding(input_ids[torch.cat([tokens, anchors])]))
-    mse = F.mse_loss(rows[len(tokens):].float(), table[anchors]) if len(anchors) else torch.zeros((), device=rows.device)
+    # in the units train.py's loss uses (the table's RMS row norm), so mse_weight means the same in both
+    scale = encoder.config.row_scale
+    mse = F.mse_loss(rows[len(tokens):].float() / scale, table[anchors] / scale) if len(anchors) else torch.zeros((), device=rows.device)
     rows = torch.where(frozen[tokens, None], embed.weight[tokens], rows[:len(tokens)].to(embed.weight.dtype))
     inputs_embeds = embed_rows(lm, rows[where])
     if hidden_layers:

@@ -150,6 +150,8 @@ class OwnRows(torch.nn.Module):
         super().__init__()
         self.table = table
         self.scale = torch.nn.Parameter(torch.ones(()))
+        from model import ByteEncoderConfig
+        self.config = ByteEncoderConfig(row_scale=table.norm(dim=1).pow(2).mean().sqrt().item())
 
     @staticmethod
     def byte_rows(vocab_size):

@@ -101,3 +101,21 @@ def test_hub_negatives_are_the_rows_along_the_mean_row_and_always_among_the_nega
     again = softmax_negative_ids(len(table), 64, hubs, torch.Generator().manual_seed(1))
     assert torch.equal(negatives, again) and not torch.equal(negatives, softmax_negative_ids(len(table), 64, hubs, g))
     assert torch.equal(softmax_negative_ids(len(table), 0, hubs, g), torch.arange(1000))
+
+
+def test_the_loss_is_the_same_in_any_units_of_the_table():
+    """row_scale: an encoder for a table s times as long predicts rows s times as long and has
+    the same loss (L1, MSE and the softmax with its negatives), so one recipe serves every LM."""
+    from model import LossConfig
+    torch.manual_seed(0)
+    config = ByteEncoderConfig(block_size=64, n_layer=1, n_head=2, n_embd=32, n_out=24, head_hidden=48)
+    unit = ByteEncoder(config)
+    scaled = ByteEncoder(ByteEncoderConfig(**{**config.__dict__, "row_scale": 3.25}))
+    scaled.load_state_dict(unit.state_dict())
+    idx = torch.from_numpy(encode_bytes([w.encode() for w in WORDS]).astype("int64"))
+    targets, negatives = torch.randn(len(WORDS), 24), torch.randn(16, 24)
+    loss = LossConfig(l1_weight=1.0, mse_weight=10.0, softmax_weight=1.0, softmax_temperature=0.5)
+    rows, unit_loss = unit(idx, targets, loss, negatives=negatives)
+    scaled_rows, scaled_loss = scaled(idx, 3.25 * targets, loss, negatives=3.25 * negatives)
+    assert torch.allclose(scaled_rows, 3.25 * rows, atol=1e-5)
+    assert scaled_loss.item() == pytest.approx(unit_loss.item(), rel=1e-5)

@@ -111,6 +111,17 @@ def test_resume_continues_exactly(tiny_mistral, prepared_mistral, workdir):
 # such a checkpoint once replaced the good one
 @pytest.mark.parametrize("blow_up", [["--learning_rate=1e30"], ["--learning_rate=1e30", "--min_lr=1e29", "--warmup_iters=0", "--eval_interval=1"]],
                          ids=["huge-learning-rate", "eval-every-iteration"])
+def test_the_encoder_predicts_in_units_of_the_tables_rms_row_norm(tiny_mistral, prepared_mistral, trained_mistral):
+    """train.py measures the table's RMS row norm over the trained rows (model.ByteEncoderConfig.row_scale):
+    the loss compares rows in that unit, and the rows predicted come back in the table's own."""
+    import numpy as np
+    table = torch.from_numpy(np.load(prepared_mistral.data / "embeddings.npy"))
+    trained = table[torch.from_numpy(np.load(prepared_mistral.data / "train_ids.npy"))]
+    checkpoint = torch.load(trained_mistral.out_dir / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["model_args"]["row_scale"] == pytest.approx(trained.norm(dim=1).pow(2).mean().sqrt().item(), rel=1e-6)
+    assert checkpoint["model_args"]["row_scale"] != pytest.approx(1.0, abs=0.05)  # the tiny table's rows are not unit long
+
+
 def test_non_finite_loss_keeps_the_last_good_checkpoint(tiny_mistral, trained_mistral, workdir, tmp_path, blow_up):
     out_dir = tmp_path / "out"
     shutil.copytree(trained_mistral.out_dir, out_dir)
