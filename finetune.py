@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from soft_tokenizer.configurator import UserError, check, configure, pick_device, progress
 from soft_tokenizer.filling import add_tokens, new_rows, read_names, set_rows
-from soft_tokenizer.lm import finetune_text, load_lm, load_tokenizer, read_text_file, resolve_model
+from soft_tokenizer.lm import finetune_text, load_lm, load_tokenizer, read_text_file, resolve_model, text_windows
 from soft_tokenizer.spelling import tokenizer_kind, vocab_id
 from soft_tokenizer.storage import atomic_write, check_lm_table, checkpoint_source, load_checkpoint, load_data, save_model_folder, untrained_in, write_text_file
 
@@ -150,16 +150,8 @@ def make_model(method):
     return lm, tok, ids
 
 
-def windows_of(ids, bos):
-    """The token stream cut into windows of `finetune_context` tokens, each led by BOS where the tokenizer adds one."""
-    step = finetune_context - (bos is not None)
-    cut = torch.tensor(ids[:len(ids) // step * step]).view(-1, step)
-    return cut if bos is None else torch.cat([torch.full((len(cut), 1), bos), cut], 1)
-
-
 first_lm, first_tokenizer, new_ids = make_model(method_list[0])
-bos = first_tokenizer.bos_token_id if first_tokenizer("a")["input_ids"][0] == first_tokenizer.bos_token_id else None
-windows = {part: windows_of(first_tokenizer("\n\n".join(part_docs), add_special_tokens=False, verbose=False)["input_ids"], bos)
+windows = {part: text_windows(first_tokenizer, first_tokenizer("\n\n".join(part_docs), add_special_tokens=False, verbose=False)["input_ids"], finetune_context)
            for part, part_docs in parts.items()}
 del first_lm
 generator = torch.Generator().manual_seed(seed)

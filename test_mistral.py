@@ -18,7 +18,7 @@ import time
 import torch
 
 from soft_tokenizer.configurator import UserError, check, configure, pick_device
-from soft_tokenizer.lm import load_lm, perplexity, pick_dtype, resolve_model, scoring_texts
+from soft_tokenizer.lm import bos_id, load_lm, perplexity, pick_dtype, resolve_model, scoring_texts, scoring_windows
 from soft_tokenizer.splice import read_predicted_table, splice_rows
 from soft_tokenizer.storage import check_lm_table, check_writable, data_identity, load_checkpoint, load_data, write_text_file
 
@@ -29,15 +29,16 @@ prompt = "What is the capital of France? Answer in one sentence."
 max_new_tokens = 48
 text_file = ""  # text for perplexity; empty: the two evaluation texts from Python's documentation
 eval_tokens = 2048  # perplexity over the first this many tokens of each text
-context = 512  # a text is scored in independent windows of this many tokens
+context = 512  # a text is scored in independent windows of this many tokens, each led by the LM's BOS if it has one
 # whose rows are spliced: all; in_text, the tokens the training text uses; not_in_text, the others.
 # The rest keep the LM's own rows, which says where a splice's loss comes from (splice-in_text.json, ...)
 splice_tokens = "all"
 device = "auto"  # auto: cuda, else cpu (never mps: configurator.pick_device)
 dtype = "auto"  # auto: bfloat16 on cuda, float32 elsewhere; or float32, bfloat16, float16
 configure(globals())
-for key in ("max_new_tokens", "eval_tokens", "context"):
+for key in ("max_new_tokens", "eval_tokens"):
     check(globals(), key, 1)
+check(globals(), "context", 2)
 if splice_tokens not in ("all", "in_text", "not_in_text"):
     raise UserError(f"splice_tokens={splice_tokens!r} is not known; use all, in_text or not_in_text")
 report_file = "splice.json" if splice_tokens == "all" else f"splice-{splice_tokens}.json"
@@ -56,10 +57,7 @@ spliced_ids = None if splice_tokens == "all" else ((data.text_counts > 0) == (sp
 print(f"loading {model} ({torch_dtype}, {dev})")
 lm, tokenizer = load_lm(model, torch_dtype, dev)
 check_lm_table(lm.get_input_embeddings().weight, data, model)
-text_ids = {name: tokenizer(text, return_tensors="pt")["input_ids"][0][:eval_tokens] for name, text in texts.items()}
-for name, ids in text_ids.items():
-    if len(ids) < 2:
-        raise UserError(f"the evaluation text ({name}) is shorter than two tokens; pass a longer --text_file")
+scored = scoring_windows(tokenizer, texts, eval_tokens, context)
 if tokenizer.chat_template:
     inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
 else:
@@ -80,7 +78,7 @@ for table_name in ("original", "spliced"):
     if table_name == "spliced":
         splice_rows(lm, new if spliced_ids is None else new[spliced_ids], spliced_ids)
     t0 = time.time()
-    results[table_name] = {"answer": answer(), "perplexity": {name: perplexity(lm, ids, context) for name, ids in text_ids.items()}}
+    results[table_name] = {"answer": answer(), "perplexity": {name: perplexity(lm, windows) for name, windows in scored.items()}}
     print(f"{table_name}: {time.time() - t0:.1f}s")
 head = lm.get_output_embeddings().weight
 if head is lm.get_input_embeddings().weight or not torch.equal(head, head_before):
@@ -95,15 +93,15 @@ for left, right in itertools.zip_longest(*columns, fillvalue=""):
     print(f"{left:<{width}} | {right}")
 ratios = {}
 print(f"\nperplexity, windows of {context} tokens; output head unchanged:")
-for name, ids in text_ids.items():
+for name, windows in scored.items():
     original, spliced = results["original"]["perplexity"][name], results["spliced"]["perplexity"][name]
     ratios[name] = spliced / original
-    print(f"  {name} ({len(ids)} tokens): original {original:.2f}, spliced {spliced:.2f} ({ratios[name]:.2f}x)")
+    print(f"  {name} ({windows.numel()} tokens): original {original:.2f}, spliced {spliced:.2f} ({ratios[name]:.2f}x)")
 
 report = {**source, "embeddings": os.path.join(out_dir, "new_embeddings.safetensors"), "lm": model, "revision": data.meta["revision"],
           "table_sha256": data.meta["table_sha256"], "device": dev, "dtype": str(torch_dtype).removeprefix("torch."),
           "prompt": prompt, "chat_template": bool(tokenizer.chat_template), "max_new_tokens": max_new_tokens,
-          "splice_tokens": splice_tokens, "texts": {name: len(ids) for name, ids in text_ids.items()}, "context": context,
+          "splice_tokens": splice_tokens, "texts": {name: windows.numel() for name, windows in scored.items()}, "bos": bos_id(tokenizer) is not None, "context": context,
           "perplexity": {"original": results["original"]["perplexity"], "spliced": results["spliced"]["perplexity"]},
           "ratio": ratios, "answer": {"original": results["original"]["answer"], "spliced": results["spliced"]["answer"]},
           "seconds": round(time.time() - started, 1)}

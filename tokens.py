@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from soft_tokenizer.configurator import UserError, check, configure, pick_device, progress
 from soft_tokenizer.filling import METHODS, add_tokens, fill_output_rows, new_rows, read_names, set_rows
-from soft_tokenizer.lm import is_tied, load_lm, load_tokenizer, perplexity, read_input_embeddings, resolve_model, scoring_texts
+from soft_tokenizer.lm import is_tied, load_lm, load_tokenizer, perplexity, read_input_embeddings, resolve_model, scoring_texts, scoring_windows
 from soft_tokenizer.splice import read_predicted_table, splice_rows
 from soft_tokenizer.spelling import token_bytes, untrained_rows, vocab_id
 from soft_tokenizer.storage import check_lm_table, data_dir, data_identity, load_checkpoint, load_data, save_model_folder, untrained_in
@@ -82,8 +82,8 @@ if rows_from and command not in ("add", "repurpose"):
     raise UserError("--rows_from is only for the add and repurpose commands")
 if command != "add" and new_strings:
     raise UserError("--tokens is only for the add command")
-for key in ("eval_tokens", "context"):
-    check(globals(), key, 1)
+check(globals(), "eval_tokens", 1)
+check(globals(), "context", 2)
 
 
 # -----------------------------------------------------------------------------
@@ -296,7 +296,7 @@ def compare():
                         "median_rank": ranks.float().median().item(), "mean_rank": ranks.float().mean().item(),
                         "hit1": (ranks == 1).float().mean().item(), "ppl_input": {}, "ppl_tied": {}}
 
-    text_ids = {name: tokenizer(text, return_tensors="pt")["input_ids"][0][:eval_tokens] for name, text in texts.items()}
+    scored = scoring_windows(tokenizer, texts, eval_tokens, context)
     # splice_rows gives a tied model a head of its own, so filling the input rows leaves the output
     # side as trained; the "tied" columns then fill the head's rows too, as a tied model would after add
     tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
@@ -305,11 +305,11 @@ def compare():
         head = lm.get_output_embeddings().weight
         true_out = head[held].clone()
         with torch.no_grad():
-            for text, ids in text_ids.items():
-                scores[name]["ppl_input"][text] = perplexity(lm, ids, context)
+            for text, windows in scored.items():
+                scores[name]["ppl_input"][text] = perplexity(lm, windows)
                 if tied:
                     head[held] = rows[name].to(head)
-                    scores[name]["ppl_tied"][text] = perplexity(lm, ids, context)
+                    scores[name]["ppl_tied"][text] = perplexity(lm, windows)
                     head[held] = true_out
         splice_rows(lm, true_in, held)
 
@@ -317,16 +317,16 @@ def compare():
               "soft": "soft (byte encoder)"}
     print(f"\n{data.meta['model']}: the {len(held)} held-out tokens of {data.folder} as new tokens, soft rows predicted from "
           f"{made_from['checkpoint']} (iteration {made_from['iter_num']}); perplexity on " +
-          "; ".join(f"{len(ids)} tokens of {text} ({int(torch.isin(ids, held).sum())} held-out)" for text, ids in text_ids.items()) + "\n")
+          "; ".join(f"{ids.numel()} tokens of {text} ({int(torch.isin(ids, held).sum())} held-out)" for text, ids in scored.items()) + "\n")
     columns = ["rows of the held-out tokens", "cosine to true row", "rank of true token (median)", "rank (mean)", "hit@1"]
-    columns += [f"perplexity on {text}, input rows filled" for text in text_ids]
-    columns += [f"perplexity on {text}, input and output rows filled" for text in text_ids] if tied else []
+    columns += [f"perplexity on {text}, input rows filled" for text in scored]
+    columns += [f"perplexity on {text}, input and output rows filled" for text in scored] if tied else []
     print("| " + " | ".join(columns) + " |")
     print("|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|")
     for name, score in scores.items():
         cells = [labels[name], f"{score['cosine']:.3f}", f"{score['median_rank']:.0f}", f"{score['mean_rank']:.0f}", f"{score['hit1']:.1%}"]
-        cells += [f"{score['ppl_input'][text]:.3f}" for text in text_ids]
-        cells += [f"{score['ppl_tied'][text]:.3f}" for text in text_ids] if tied else []
+        cells += [f"{score['ppl_input'][text]:.3f}" for text in scored]
+        cells += [f"{score['ppl_tied'][text]:.3f}" for text in scored] if tied else []
         print("| " + " | ".join(cells) + " |")
     print(f"\nranks: of the true token when the filled row is scored against all {len(table)} true input rows" +
           (", which in this tied LM are the LM head; in the last columns the filled row is the token's output row too" if tied else ""))

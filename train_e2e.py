@@ -89,14 +89,14 @@ if e2e_hidden_layers and e2e_hidden_layers > len(decoder_layers(lm)):
     e2e_hidden_layers = len(decoder_layers(lm))
 
 text = training_text()
-windows = cut_windows(tokenizer(text, add_special_tokens=False)["input_ids"], e2e_context, e2e_windows, "the training text")
+windows = cut_windows(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"], e2e_context, e2e_windows, "the training text")
 n_chat = round(e2e_windows * e2e_chat_share) if tokenizer.chat_template else 0
 if n_chat:
     try:
         chat_ids = chat_turns(tokenizer, text)
     except jinja2.TemplateError as e:
         raise UserError(f"the tokenizer's chat template does not render a user turn and an assistant turn ({e}); run with --e2e_chat_share=0") from None
-    chat_windows = cut_windows(chat_ids, e2e_context, e2e_windows, "the training text as chat turns")
+    chat_windows = cut_windows(tokenizer, chat_ids, e2e_context, e2e_windows, "the training text as chat turns")
 input_ids, table, train_ids = data.input_ids.to(dev), data.table.to(dev), data.train_ids
 # the tokens never trained on (val and test) keep the LM's own rows in a window
 frozen = torch.ones(len(table), dtype=torch.bool, device=dev)

@@ -10,16 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from soft_tokenizer.configurator import UserError
-from soft_tokenizer.lm import embed_rows, hidden_after
+from soft_tokenizer.lm import embed_rows, hidden_after, text_windows
 from model import trim_padding
 
 
-def cut_windows(ids, context, needed, what):
-    """[N, context] windows cut from a list of token ids, at least `needed` of them."""
-    n_windows = len(ids) // context
-    if n_windows < needed:
-        raise UserError(f"{what} has {n_windows} windows of {context} tokens, fewer than e2e_windows={needed}; lower them")
-    return torch.tensor(ids[:n_windows * context]).view(n_windows, context)
+def cut_windows(tokenizer, ids, context, needed, what):
+    """[N, context] windows of token ids as lm.text_windows cuts them (BOS-led where the LM has
+    one, so that the targets are what the LM computes on text as it was trained), at least `needed` of them."""
+    windows = text_windows(tokenizer, ids, context)
+    if len(windows) < needed:
+        raise UserError(f"{what} has {len(windows)} windows of {context} tokens, fewer than e2e_windows={needed}; lower them")
+    return windows
 
 
 def e2e_loss(encoder, lm, windows, input_ids, table, frozen, anchors, mse_weight, hidden_layers=0):

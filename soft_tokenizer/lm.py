@@ -266,12 +266,14 @@ def training_text():
 
 def chat_turns(tokenizer, text):
     """The text as the LM's chat template renders it, as token ids: consecutive paragraphs as a
-    user's message and the assistant's answer, so that the chat markers occur as in use."""
+    user's message and the assistant's answer, so that the chat markers occur as in use. A BOS
+    the template puts before each chat is left out: text_windows leads each window with one."""
     paragraphs = text.split("\n\n")
-    ids = []
+    bos, ids = bos_id(tokenizer), []
     for message, answer in zip(paragraphs[0::2], paragraphs[1::2]):
         chat = [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
-        ids += tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+        rendered = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+        ids += rendered[1:] if bos is not None and rendered[:1] == [bos] else rendered
     return ids
 
 
@@ -328,14 +330,36 @@ def scoring_texts(text_file=""):
     return {text_file: read_text_file(text_file)} if text_file else evaluation_texts()
 
 
+def bos_id(tokenizer):
+    """The token the LM saw first in every text it trained on, if its tokenizer puts one before
+    each text (Gemma, Llama, Mistral); None where it puts none (SmolLM2)."""
+    first = tokenizer("a")["input_ids"][:1]
+    return first[0] if tokenizer.bos_token_id is not None and first == [tokenizer.bos_token_id] else None
+
+
+def text_windows(tokenizer, ids, context):
+    """Token ids (of a text encoded without special tokens) cut into independent windows
+    [N, context], each led by the LM's BOS where it has one, as it read text in training: an LM
+    trained with BOS is far off its distribution without it. A tail shorter than a window is left out."""
+    bos = bos_id(tokenizer)
+    step = context - (bos is not None)
+    cut = torch.as_tensor(ids[:len(ids) // step * step], dtype=torch.long).view(-1, step)
+    return cut if bos is None else torch.cat([torch.full((len(cut), 1), bos), cut], 1)
+
+
+def scoring_windows(tokenizer, texts, eval_tokens, context):
+    """{name: windows} of the first eval_tokens tokens of each text, for perplexity."""
+    windows = {}
+    for name, text in texts.items():
+        windows[name] = text_windows(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"][:eval_tokens], context)
+        if len(windows[name]) == 0:
+            raise UserError(f"the first {eval_tokens} tokens of the text {name} make no window of context={context} tokens; "
+                            f"pass a longer text or a smaller context")
+    return windows
+
+
 @torch.no_grad()
-def perplexity(lm, ids, context):
-    """exp of the mean next-token loss, the text cut into independent windows of `context` tokens."""
-    total, count = 0.0, 0
-    for start in range(0, len(ids), context):
-        window = ids[start:start + context][None].to(lm.device)
-        if window.shape[1] < 2:
-            continue  # a lone last token has nothing to be predicted from
-        total += lm(window, labels=window).loss.float().item() * (window.shape[1] - 1)
-        count += window.shape[1] - 1
-    return math.exp(total / count)
+def perplexity(lm, windows):
+    """exp of the mean next-token loss over windows [N, T] from text_windows (a BOS is never a target)."""
+    loss = sum(lm(window[None].to(lm.device), labels=window[None].to(lm.device)).loss.float().item() for window in windows)
+    return math.exp(loss / len(windows))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from soft_tokenizer.lm import load_lm, load_tokenizer, resolve_model
+from soft_tokenizer.lm import bos_id, load_lm, load_tokenizer, resolve_model, text_windows, training_text
 from soft_tokenizer.spelling import token_bytes, untrained_rows
 from soft_tokenizer.untrained import VERIFIED_BELOW, find_untrained, geometry_candidates, named_unused, repeat_probabilities
 from helpers import ONE_THREAD, TINY_TRAIN, assert_own_table_changes_nothing, first_windows, run_script, spelled_rows, succeeds
@@ -84,6 +84,26 @@ def test_a_candidate_the_lm_repeats_is_kept_as_trained(gemma):
     # which the LM repeats with 1.2%), and the verdict is the verified rows, no more
     assert torch.isin(unused, found.verified).float().mean() >= 0.95
     assert torch.equal(found.untrained.nonzero()[:, 0], found.verified.sort().values)
+
+
+def test_every_window_starts_with_bos_as_gemma_read_text_in_training(gemma, smollm2_tokenizer):
+    """The windows of perplexity, of the e2e stage and of finetune.py (lm.text_windows): Gemma's
+    tokenizer puts <bos> before a text, so every window starts with it and holds the text's next
+    tokens after it; SmolLM2's puts nothing, so its windows are the text's tokens alone."""
+    text = training_text()[:40000]
+    ids = gemma.tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows = text_windows(gemma.tokenizer, ids, 64)
+    assert bos_id(gemma.tokenizer) == gemma.tokenizer.bos_token_id == 2 and len(windows) > 10
+    assert (windows[:, 0] == 2).all() and not (windows[:, 1:] == 2).any()
+    assert windows[:, 1:].flatten().tolist() == ids[:len(windows) * 63]
+    smol_ids = smollm2_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert bos_id(smollm2_tokenizer) is None
+    assert text_windows(smollm2_tokenizer, smol_ids, 64).flatten().tolist() == smol_ids[:len(smol_ids) // 64 * 64]
+    # what the perplexity is then: Gemma's loss on a text's start is far lower with its <bos> before it
+    with torch.no_grad():
+        led = gemma.lm(windows[:2], labels=windows[:2]).loss.item()
+        bare = gemma.lm(windows[:2, 1:], labels=windows[:2, 1:]).loss.item()
+    assert led < bare - 0.5, (led, bare)
 
 
 def test_its_own_table_changes_nothing_when_rows_are_scaled_as_gemma_scales_them(gemma):

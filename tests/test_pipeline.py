@@ -77,8 +77,12 @@ def perplexity(lm, ids):
 def test_splice_reports_both_perplexities(tiny_mistral, evaluated_mistral, workdir, tmp_path):
     text_file = tmp_path / "text.txt"
     text_file.write_text(TEXT, encoding="utf-8")
+    # the text as the tokenizer encodes it for the LM, its BOS first: one window of exactly that many tokens
+    tokenizer = load_tokenizer(tiny_mistral.folder)
+    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"][0]
+    assert ids[0] == tokenizer.bos_token_id
     proc = succeeds(run_script("test_mistral.py", f"--model={tiny_mistral.folder}", f"--out_dir={evaluated_mistral.out_dir}",
-                               f"--text_file={text_file}", "--max_new_tokens=5", cwd=workdir))
+                               f"--text_file={text_file}", "--max_new_tokens=5", f"--context={len(ids)}", cwd=workdir))
     with open(evaluated_mistral.out_dir / "splice.json") as f:
         report = json.load(f)
     assert "perplexity" in proc.stdout and "spliced" in proc.stdout
@@ -87,10 +91,8 @@ def test_splice_reports_both_perplexities(tiny_mistral, evaluated_mistral, workd
     meta = json.loads((workdir / "data" / tiny_mistral.name / "meta.json").read_text())
     checkpoint_id = torch.load(evaluated_mistral.out_dir / "ckpt.pt", map_location="cpu", weights_only=True)["id"]
     assert (report["checkpoint_id"], report["data_sha256"], report["table_sha256"]) == (checkpoint_id, meta["data_sha256"], meta["table_sha256"])
-    # the same numbers, computed here: the whole text is one window of the tiny LM
-    tokenizer = load_tokenizer(tiny_mistral.folder)
-    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"][0]
-    assert report["texts"] == {str(text_file): len(ids)} and len(ids) < report["context"]
+    # the same numbers, computed here on that one window
+    assert report["texts"] == {str(text_file): len(ids)} and report["bos"]
     lm = AutoModelForCausalLM.from_pretrained(tiny_mistral.folder, dtype=torch.float32).eval()
     original = perplexity(lm, ids)
     with torch.no_grad():
@@ -105,7 +107,7 @@ def test_splice_reports_both_perplexities(tiny_mistral, evaluated_mistral, workd
     # only the rows of the tokens the training text uses; the others keep the LM's own, and splice.json stays
     first_report = (evaluated_mistral.out_dir / "splice.json").read_bytes()
     succeeds(run_script("test_mistral.py", f"--model={tiny_mistral.folder}", f"--out_dir={evaluated_mistral.out_dir}",
-                        f"--text_file={text_file}", "--max_new_tokens=5", "--splice_tokens=in_text", cwd=workdir))
+                        f"--text_file={text_file}", "--max_new_tokens=5", "--splice_tokens=in_text", f"--context={len(ids)}", cwd=workdir))
     partial = json.loads((evaluated_mistral.out_dir / "splice-in_text.json").read_text())
     in_text = torch.from_numpy(np.load(workdir / "data" / tiny_mistral.name / "text_counts.npy")) > 0
     lm = AutoModelForCausalLM.from_pretrained(tiny_mistral.folder, dtype=torch.float32).eval()
