@@ -28,6 +28,9 @@ checkpoint = "auto"  # the checkpoint the predictions must come from: regression
 prompt = "What is the capital of France? Answer in one sentence."
 max_new_tokens = 48
 text_file = ""  # text for perplexity; empty: the two evaluation texts from Python's documentation
+# True: score on the selection text instead (lm.SELECTION_MODULES), the one a recipe is chosen on,
+# into splice-selection.json; the evaluation texts only report
+selection = False
 eval_tokens = 2048  # perplexity over the first this many tokens of each text
 context = 512  # a text is scored in independent windows of this many tokens, each led by the LM's BOS if it has one
 # whose rows are spliced: all; in_text, the tokens the training text uses; not_in_text, the others.
@@ -39,9 +42,11 @@ configure(globals())
 for key in ("max_new_tokens", "eval_tokens"):
     check(globals(), key, 1)
 check(globals(), "context", 2)
+if text_file and selection:
+    raise UserError("text_file and selection=True both name the text to score; pass one of them")
 if splice_tokens not in ("all", "in_text", "not_in_text"):
     raise UserError(f"splice_tokens={splice_tokens!r} is not known; use all, in_text or not_in_text")
-report_file = "splice.json" if splice_tokens == "all" else f"splice-{splice_tokens}.json"
+report_file = "splice" + ("" if splice_tokens == "all" else f"-{splice_tokens}") + ("-selection" if selection else "") + ".json"
 started = time.time()
 dev = pick_device(device)
 torch_dtype = pick_dtype(dtype, dev)
@@ -50,7 +55,7 @@ torch_dtype = pick_dtype(dtype, dev)
 resolve_model(model)
 data = load_data(model)
 new, source = read_predicted_table(out_dir, load_checkpoint(out_dir, data_identity(data), checkpoint))
-texts = scoring_texts(text_file)
+texts = scoring_texts(text_file, selection)
 check_writable(out_dir)
 spliced_ids = None if splice_tokens == "all" else ((data.text_counts > 0) == (splice_tokens == "in_text")).nonzero()[:, 0]
 

@@ -240,6 +240,14 @@ TRAIN_MODULES = [
     "netrc", "quopri",
 ]
 EVAL_MODULES = ["logging", "email.message", "unittest.case", "subprocess", "threading", "typing", "http.client", "shutil"]
+# the selection text chooses the recipe (RESEARCH_LOG's lever tables): a third set of modules, so
+# that the two evaluation texts only ever report, and a recipe is never chosen on what it is judged by
+SELECTION_MODULES = [
+    "unittest.mock", "http.server", "http.cookies", "email.utils", "email.parser", "multiprocessing.managers", "asyncio.streams",
+    "asyncio.queues", "xml.dom.minidom", "urllib.robotparser", "runpy", "compileall", "code", "cmd", "mailbox", "wsgiref.handlers",
+    "xml.sax.handler", "symtable", "modulefinder", "zipimport", "dbm", "bdb", "pickletools", "tracemalloc", "lzma", "bz2",
+    "array", "cmath", "math", "contextvars",
+]
 
 
 def docstrings(modules):
@@ -325,9 +333,15 @@ def read_text_file(path):
     return text
 
 
-def scoring_texts(text_file=""):
-    """{name: text} to score perplexity on: the user's file, or the two evaluation texts."""
-    return {text_file: read_text_file(text_file)} if text_file else evaluation_texts()
+def selection_text():
+    return {f"selection: docstrings of {len(SELECTION_MODULES)} modules": docstrings(SELECTION_MODULES)}
+
+
+def scoring_texts(text_file="", selection=False):
+    """{name: text} to score perplexity on: the user's file, the selection text, or the two evaluation texts."""
+    if text_file:
+        return {text_file: read_text_file(text_file)}
+    return selection_text() if selection else evaluation_texts()
 
 
 def bos_id(tokenizer):

@@ -71,6 +71,12 @@ def test_splice_without_predictions(tiny_mistral, trained_mistral, workdir, tmp_
     assert files_under(out_dir) == before
 
 
+def test_splice_on_two_texts_at_once(tiny_mistral, workdir, tmp_path):
+    proc = run_in_process("test_mistral.py", f"--model={tiny_mistral.folder}", f"--out_dir={tmp_path / 'out'}",
+                          f"--text_file={tmp_path / 'text.txt'}", "--selection=True", cwd=workdir)
+    fails_with(proc, "text_file and selection=True", "one of them")
+
+
 def test_unknown_init_from(tiny_mistral, prepared_mistral, workdir, tmp_path):
     proc = run_in_process("train.py", f"--model={tiny_mistral.folder}", f"--out_dir={tmp_path / 'out'}", "--init_from=pretrained", cwd=workdir)
     fails_with(proc, "init_from='pretrained'", "'scratch' or 'resume'")

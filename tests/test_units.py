@@ -158,6 +158,17 @@ def test_a_module_this_python_lacks_is_left_out_of_the_texts():
     assert "JSON" in docstrings(["json"])
 
 
+def test_the_selection_text_is_a_third_text_neither_trained_on_nor_reported():
+    """Levers are chosen on the selection text; training reads the training text and README reports the evaluation texts."""
+    from soft_tokenizer.lm import EVAL_MODULES, SELECTION_MODULES, TRAIN_MODULES, evaluation_texts, scoring_texts, selection_text, training_text
+    assert not set(SELECTION_MODULES) & (set(TRAIN_MODULES) | set(EVAL_MODULES))
+    assert scoring_texts(selection=True) == selection_text() and scoring_texts() == evaluation_texts()
+    (text,) = selection_text().values()
+    others = training_text() + "".join(evaluation_texts().values())
+    paragraphs = [p for p in text.split("\n\n") if len(p) > 200]
+    assert len(text) > 50000 and len(paragraphs) > 20 and not any(p in others for p in paragraphs)
+
+
 def test_chat_turns_are_paragraph_pairs_in_the_template(smollm2_tokenizer):
     """train_e2e.py's chat windows: SmolLM2's own template around pairs of the text's paragraphs."""
     from soft_tokenizer.lm import chat_turns, training_text
