@@ -104,14 +104,18 @@ def test_hub_negatives_are_the_rows_along_the_mean_row_and_always_among_the_nega
 
 
 def test_the_loss_is_the_same_in_any_units_of_the_table():
-    """row_scale: an encoder for a table s times as long predicts rows s times as long and has
-    the same loss (L1, MSE and the softmax with its negatives), so one recipe serves every LM."""
+    """row_scale: the same rows and table in units s times as long give the same loss (L1, MSE
+    and the softmax with its negatives), so one recipe's weights and temperature serve every LM."""
     from model import LossConfig
     torch.manual_seed(0)
     config = ByteEncoderConfig(block_size=64, n_layer=1, n_head=2, n_embd=32, n_out=24, head_hidden=48)
     unit = ByteEncoder(config)
     scaled = ByteEncoder(ByteEncoderConfig(**{**config.__dict__, "row_scale": 3.25}))
     scaled.load_state_dict(unit.state_dict())
+    with torch.no_grad():  # the same encoder, its rows 3.25 times as long
+        scaled.head[-1].weight.mul_(3.25)
+        scaled.head[-1].bias.copy_(torch.randn(24))
+        unit.head[-1].bias.copy_(scaled.head[-1].bias / 3.25)
     idx = torch.from_numpy(encode_bytes([w.encode() for w in WORDS]).astype("int64"))
     targets, negatives = torch.randn(len(WORDS), 24), torch.randn(16, 24)
     loss = LossConfig(l1_weight=1.0, mse_weight=10.0, softmax_weight=1.0, softmax_temperature=0.5)
@@ -119,3 +123,7 @@ def test_the_loss_is_the_same_in_any_units_of_the_table():
     scaled_rows, scaled_loss = scaled(idx, 3.25 * targets, loss, negatives=3.25 * negatives)
     assert torch.allclose(scaled_rows, 3.25 * rows, atol=1e-5)
     assert scaled_loss.item() == pytest.approx(unit_loss.item(), rel=1e-5)
+    # in raw units the loss would differ: the scale is what makes it the same
+    plain = ByteEncoder(config)
+    plain.load_state_dict(scaled.state_dict())
+    assert plain(idx, 3.25 * targets, loss, negatives=3.25 * negatives)[1].item() != pytest.approx(unit_loss.item(), rel=1e-2)
