@@ -107,10 +107,6 @@ def test_resume_continues_exactly(tiny_mistral, prepared_mistral, workdir):
     assert torch.equal(a["negatives_rng"], b["negatives_rng"])
 
 
-# the second: weights near 5e29 give a NaN eval while the training loss was still finite;
-# such a checkpoint once replaced the good one
-@pytest.mark.parametrize("blow_up", [["--learning_rate=1e30"], ["--learning_rate=1e30", "--min_lr=1e29", "--warmup_iters=0", "--eval_interval=1"]],
-                         ids=["huge-learning-rate", "eval-every-iteration"])
 def test_the_encoder_predicts_in_units_of_the_tables_rms_row_norm(tiny_mistral, prepared_mistral, trained_mistral):
     """train.py measures the table's RMS row norm over the trained rows (model.ByteEncoderConfig.row_scale):
     the loss compares rows in that unit, and the rows predicted come back in the table's own."""
@@ -122,6 +118,10 @@ def test_the_encoder_predicts_in_units_of_the_tables_rms_row_norm(tiny_mistral, 
     assert checkpoint["model_args"]["row_scale"] != pytest.approx(1.0, abs=0.05)  # the tiny table's rows are not unit long
 
 
+# the second: weights near 5e29 give a NaN eval while the training loss was still finite;
+# such a checkpoint once replaced the good one
+@pytest.mark.parametrize("blow_up", [["--learning_rate=1e30"], ["--learning_rate=1e30", "--min_lr=1e29", "--warmup_iters=0", "--eval_interval=1"]],
+                         ids=["huge-learning-rate", "eval-every-iteration"])
 def test_non_finite_loss_keeps_the_last_good_checkpoint(tiny_mistral, trained_mistral, workdir, tmp_path, blow_up):
     out_dir = tmp_path / "out"
     shutil.copytree(trained_mistral.out_dir, out_dir)
