@@ -245,7 +245,7 @@ EVAL_MODULES = ["logging", "email.message", "unittest.case", "subprocess", "thre
 SELECTION_MODULES = [
     "unittest.mock", "http.server", "http.cookies", "email.utils", "email.parser", "multiprocessing.managers", "asyncio.streams",
     "asyncio.queues", "xml.dom.minidom", "urllib.robotparser", "runpy", "compileall", "code", "cmd", "mailbox", "wsgiref.handlers",
-    "xml.sax.handler", "symtable", "modulefinder", "zipimport", "dbm", "bdb", "pickletools", "tracemalloc", "lzma", "bz2",
+    "xml.sax.handler", "symtable", "modulefinder", "zipimport", "dbm", "pyclbr", "pickletools", "tracemalloc", "lzma", "bz2",
     "array", "cmath", "math", "contextvars",
 ]
 
