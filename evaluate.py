@@ -69,7 +69,9 @@ norm_original, norm_predicted = table.norm(dim=1), predicted.norm(dim=1)
 mean_row = table[data.train_ids].mean(0)
 
 # %% the numbers per group; special tokens also sit in trained or held-out, the rest are disjoint.
-# "in text" counts every token as often as the training text uses it: that is what a spliced LM reads
+# "in text" counts every token as often as the training text uses it: that is what a spliced LM reads;
+# "LM's text", every token of the LM's own sampled text by the LM's share of it (prepare's lm_share):
+# what it reads in general, beyond the docstrings' domain
 def flagged(flag):
     mask = torch.zeros(vocab_size, dtype=torch.bool)
     mask[[t["id"] for t in data.meta["tokens"] if flag in t["flags"]]] = True
@@ -83,7 +85,7 @@ def id_mask(token_ids):
 
 
 groups = {"trained": id_mask(data.train_ids), "val": id_mask(data.val_ids), "held-out": id_mask(data.test_ids),
-          "in text": data.text_counts > 0,
+          "in text": data.text_counts > 0, "LM's text": id_mask(data.sample_ids.flatten()) & (data.lm_share > 0),
           "special": flagged("special"), "untrained": flagged("untrained"), "duplicate": flagged("duplicate"),
           "all": torch.ones(vocab_size, dtype=torch.bool)}
 
@@ -100,7 +102,8 @@ def summarize(mask, weights=None):
             "norm_original": (share * norm_original[mask]).sum().item(), "norm_predicted": (share * norm_predicted[mask]).sum().item()}
 
 
-summary = {name: summarize(mask, data.text_counts if name == "in text" else None) for name, mask in groups.items()}
+weighting = {"in text": data.text_counts, "LM's text": data.lm_share}
+summary = {name: summarize(mask, weighting.get(name)) for name, mask in groups.items()}
 print(f"\n{'group':<10} {'tokens':>7} {'top-1':>7} {'cosine':>7} {'expl.var':>8} {'norm orig':>10} {'norm pred':>10}")
 for name, g in summary.items():
     if g["count"] == 0:
@@ -109,7 +112,8 @@ for name, g in summary.items():
         top1 = "-" if g["top1"] is None else f"{g['top1']:.2%}"
         print(f"{name:<10} {g['count']:>7} {top1:>7} {g['cosine']:>7.3f} {g['explained']:>8.3f} "
               f"{g['norm_original']:>10.3f} {g['norm_predicted']:>10.3f}")
-print(f"(in text: weighted by each token's count in the {data.meta['training_text_tokens']} tokens of the training text)")
+print(f"(in text: weighted by each token's count in the {data.meta['training_text_tokens']} tokens of the training text; "
+      f"LM's text: by the LM's share of it over its {data.sample_ids.numel()} tokens of sampled text)")
 if summary["untrained"]["count"] or summary["duplicate"]["count"]:
     # the original rows of untrained tokens are noise and a duplicate's prediction is its owner's
     print("(untrained and duplicate rows have no real target: only their norms say something)")

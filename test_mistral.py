@@ -63,6 +63,8 @@ print(f"loading {model} ({torch_dtype}, {dev})")
 lm, tokenizer = load_lm(model, torch_dtype, dev)
 check_lm_table(lm.get_input_embeddings().weight, data, model)
 scored = scoring_windows(tokenizer, texts, eval_tokens, context)
+if selection and len(data.selection_ids):  # and the LM's own text (prepare's selection_ids), since the docstrings are one domain
+    scored[f"selection: {len(data.selection_ids)} windows of the LM's own text"] = data.selection_ids
 if tokenizer.chat_template:
     inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
 else:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from soft_tokenizer.configurator import UserError, check, configure, pick_device, progress
 from soft_tokenizer.metrics import closeness
 from model import PAD, ByteEncoder, ByteEncoderConfig, LossConfig, hub_ids, softmax_negative_ids, trim_padding
-from soft_tokenizer.schedule import batch_order, budget_used, counts_with_rank_prior, get_lr
+from soft_tokenizer.schedule import batch_order, budget_used, get_lr
 from soft_tokenizer.storage import STAGE_FILES, claim_out_dir, data_identity, load_checkpoint, load_data, save_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -66,9 +66,10 @@ softmax_min_count = 0  # the softmax term only for tokens the training text uses
 token_weight_power = 0.0  # each token's loss is weighted by (1 + its count in the training text) ** this
 # the spliced LM reads the tokens text uses: draw them in proportion to (1 + count) ** this; 0: each once an epoch
 sample_power = 1.0
-# pseudo-counts added to those counts by token id (schedule.counts_with_rank_prior), so tokens
-# common in chat but absent from the docstrings (" France") come up too
-rank_prior_tokens = 1e5
+# pseudo-counts added to those counts in proportion to the LM's own share of each token over the
+# text it sampled (prepare's lm_share), so that tokens common in general but absent from the
+# docstrings (" France") come up too, for any tokenizer
+lm_share_tokens = 1e6
 # optimizer: AdamW with linear warmup and cosine decay to min_lr over the one budget
 learning_rate = 1e-3
 max_iters = 0  # the budget in iterations; 0: max_seconds is the budget
@@ -89,7 +90,7 @@ config = {k: v for k, v in globals().items() if not k.startswith("_") and isinst
 for key in ("batch_size", "gradient_accumulation_steps", "eval_sample", "n_layer", "n_head", "n_embd", "head_hidden", "ngram_buckets"):
     check(config, key, 1)
 for key in ("max_iters", "eval_interval", "ngram_max", "ngram_lr_scale", "warmup_iters", "softmax_negatives", "softmax_hub_negatives", "softmax_min_count",
-            "l1_weight", "mse_weight", "softmax_weight", "token_weight_power", "sample_power", "rank_prior_tokens", "weight_decay",
+            "l1_weight", "mse_weight", "softmax_weight", "token_weight_power", "sample_power", "lm_share_tokens", "weight_decay",
             "grad_clip", "max_seconds", "eval_interval_seconds", "min_lr"):
     check(config, key, 0)
 for key in ("learning_rate", "softmax_temperature"):
@@ -141,7 +142,7 @@ encoder = ByteEncoder(ByteEncoderConfig(**model_args)).to(dev)
 optimizers = encoder.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 loss_config = LossConfig(l1_weight, mse_weight, softmax_weight, softmax_temperature)
 # the mean weight over the trained tokens is 1, so the loss keeps its scale
-counts = counts_with_rank_prior(data.text_counts, rank_prior_tokens)
+counts = data.text_counts.double() + lm_share_tokens * data.lm_share
 token_weights = (1.0 + counts) ** token_weight_power
 token_weights = (token_weights / token_weights[data.train_ids].mean()).float().to(dev)
 sample_weights = ((1.0 + counts) ** sample_power).to(dev)

@@ -1,6 +1,6 @@
 """
 A second stage after train.py: train the byte encoder end to end through the frozen LM
-(e2e.py: on windows of the training text, the error of the LM's residual stream after its
+(e2e.py: on windows of the LM's own sampled text and of the training text, the error of the LM's residual stream after its
 first few layers, or the KL divergence of its next-token distributions, plus train.py's MSE
 on tokens drawn from the whole vocabulary). It starts from train.py's
 out_dir/ckpt.pt, which it never changes, and writes its own out_dir/e2e.pt, saved as it goes:
@@ -31,6 +31,9 @@ e2e_windows = 4  # windows per step
 # share of each step's windows cut from the training text rendered as chat turns (when the tokenizer
 # has a chat template), so that the rows of the chat markers learn what the LM does with them
 e2e_chat_share = 0.25
+# share of each step's windows from the LM's own sampled text (prepare's sample_ids): what it
+# reads in general, where the training text is one domain; the rest are the training text
+e2e_sample_share = 0.75
 e2e_learning_rate = 1e-4
 e2e_ngram_lr_scale = 30.0  # the n-gram table's learning rate over e2e_learning_rate (SparseAdam); 0: it stays as train.py left it
 # what the LM computes is matched after its first this many decoder layers (e2e.py): a seventh of
@@ -50,6 +53,9 @@ configure(globals())
 for key in ("e2e_context", "e2e_windows"):
     check(globals(), key, 2)
 check(globals(), "e2e_chat_share", 0.0, 1.0)
+check(globals(), "e2e_sample_share", 0.0, 1.0)
+if e2e_chat_share + e2e_sample_share > 1:
+    raise UserError(f"e2e_chat_share={e2e_chat_share:g} and e2e_sample_share={e2e_sample_share:g} add up to more than all of a step's windows; lower them")
 check(globals(), "e2e_kl_share", 0.0, 1.0)
 check(globals(), "e2e_hidden_layers", 0)
 check(globals(), "e2e_ngram_lr_scale", 0)
@@ -91,6 +97,14 @@ if e2e_hidden_layers and e2e_hidden_layers > len(decoder_layers(lm)):
 text = training_text()
 windows = cut_windows(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"], e2e_context, e2e_windows, "the training text")
 n_chat = round(e2e_windows * e2e_chat_share) if tokenizer.chat_template else 0
+n_sample = round(e2e_windows * e2e_sample_share)
+if n_sample and len(data.sample_ids) == 0:
+    raise UserError(f"the prepared data holds none of the LM's own text to take e2e_sample_share={e2e_sample_share:g} of the windows from; "
+                    f"prepare again with --sample_windows_train above 0, or run with --e2e_sample_share=0")
+if n_sample and e2e_context > data.sample_ids.shape[1]:
+    raise UserError(f"the sampled text's windows have {data.sample_ids.shape[1]} tokens, fewer than e2e_context={e2e_context}; "
+                    f"lower e2e_context or prepare again with --sample_length={e2e_context}")
+sample_windows = data.sample_ids[:, :e2e_context]
 if n_chat:
     try:
         chat_ids = chat_turns(tokenizer, text)
@@ -118,7 +132,8 @@ if e2e_init_from == "resume":
     if seconds >= e2e_seconds:
         raise UserError(f"{path} has trained {seconds:.0f}s already, e2e_seconds={e2e_seconds:g}; pass a larger --e2e_seconds to train longer")
 print(f"{data.meta['model']}: end to end on {len(windows)} windows of {e2e_context} tokens of the training text"
-      + (f" and {len(chat_windows)} of it as chat turns" if n_chat else "") + f", {e2e_windows} windows a step ({n_chat} chat), "
+      + (f" and {len(chat_windows)} of it as chat turns" if n_chat else "") + f", {len(sample_windows)} of the LM's own text, "
+      + f"{e2e_windows} windows a step ({n_chat} chat, {n_sample} the LM's), "
       + (f"resuming {path} at step {steps}" if steps else f"from {out_dir}/ckpt.pt (iteration {regression['iter_num']})"))
 
 
@@ -130,7 +145,7 @@ def save():
         "iter_num": regression["iter_num"], "optimizer": optimizer.state_dict(),
         "ngram_optimizer": ngram_optimizer.state_dict() if train_ngrams else None, "generator": generator.get_state(),
         "e2e": {"parent": regression["id"], "steps": steps, "seconds": round(seconds, 1), "last_match": match, "context": e2e_context,
-                "windows": e2e_windows, "chat_windows": n_chat, "learning_rate": e2e_learning_rate,
+                "windows": e2e_windows, "chat_windows": n_chat, "sample_windows": n_sample, "learning_rate": e2e_learning_rate,
                 "regression_tokens": e2e_regression_tokens, "mse_weight": mse_weight, "hidden_layers": e2e_hidden_layers,
                 "kl_share": e2e_kl_share, "ngram_lr_scale": e2e_ngram_lr_scale if train_ngrams else 0.0}})
 
@@ -142,9 +157,11 @@ matching = None
 try:
     while seconds < e2e_seconds:
         started = time.time()
-        batch = windows[torch.randint(0, len(windows), (e2e_windows - n_chat,), generator=generator)]
+        batch = windows[torch.randint(0, len(windows), (e2e_windows - n_chat - n_sample,), generator=generator)]
         if n_chat:
             batch = torch.cat([batch, chat_windows[torch.randint(0, len(chat_windows), (n_chat,), generator=generator)]])
+        if n_sample:
+            batch = torch.cat([batch, sample_windows[torch.randint(0, len(sample_windows), (n_sample,), generator=generator)]])
         anchors = train_ids[torch.randint(0, len(train_ids), (e2e_regression_tokens,), generator=generator)]
         layers = e2e_hidden_layers if seconds < kl_from else 0
         if layers != matching:

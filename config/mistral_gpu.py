@@ -22,4 +22,3 @@ l1_weight = 0.0
 softmax_weight = 1.0
 softmax_negatives = 0
 sample_power = 0.0
-rank_prior_tokens = 0.0

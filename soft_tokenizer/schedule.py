@@ -27,15 +27,6 @@ def batch_order(train_ids, lengths, epoch, batch_size, bucket, seed, weights=Non
     return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
 
 
-def counts_with_rank_prior(text_counts, prior_tokens):
-    """Each token's count in the training text plus prior_tokens pseudo-counts spread over the ids
-    by Zipf's law, 1 / (id + 100): a BPE vocabulary is numbered in merge order, roughly by how
-    common a token is in the tokenizer's own corpus, so tokens common in general text that the
-    training text lacks (" France") get counts too. float64 [V]."""
-    zipf = 1.0 / (torch.arange(len(text_counts), dtype=torch.float64) + 100.0)
-    return text_counts.double() + prior_tokens * zipf / zipf.sum()
-
-
 def get_lr(step, budget_used, warmup_steps, max_lr, min_lr):
     """Linear warmup over warmup_steps, then cosine decay from max_lr to min_lr as budget_used
     (the share of the step or time budget spent) goes from 0 to 1."""

@@ -20,7 +20,8 @@ import torch
 from soft_tokenizer.configurator import UserError
 from model import BYTE_VOCAB, ByteEncoder, ByteEncoderConfig
 
-DATA_FILES = ("input_ids.npy", "embeddings.npy", "train_ids.npy", "val_ids.npy", "test_ids.npy", "text_counts.npy")
+DATA_FILES = ("input_ids.npy", "embeddings.npy", "train_ids.npy", "val_ids.npy", "test_ids.npy", "text_counts.npy",
+              "sample_ids.npy", "selection_ids.npy", "lm_share.npy")
 # what each training stage writes in out_dir: train.py the regression, train_e2e.py the end-to-end stage from it
 STAGE_FILES = {"regression": "ckpt.pt", "e2e": "e2e.pt"}
 
@@ -59,7 +60,8 @@ def sha256(*arrays):
 def load_data(model):
     """data/<name>/ as a namespace: input_ids [V, block] int64, table [V, D] float32, meta,
     train_ids, val_ids and test_ids (the split), text_counts [V] (each token's count in the
-    training text)."""
+    training text), and the LM's own text (lm.sample_windows): sample_ids [N, L] to train on,
+    selection_ids [M, L] to choose on, lm_share [V] float64."""
     folder = data_dir(model)
     if not os.path.isfile(os.path.join(folder, "meta.json")):
         raise UserError(f"no prepared data in {folder}; run: python prepare_mistral_data.py --model={model}")
@@ -72,12 +74,14 @@ def load_data(model):
         raise UserError(f"the prepared data in {folder} is incomplete or corrupt ({type(e).__name__}); run again: python prepare_mistral_data.py --model={model}") from None
     input_ids, table = arrays["input_ids"], arrays["embeddings"]
     if (input_ids.ndim != 2 or input_ids.shape[0] != vocab_size or table.shape != (vocab_size, dim)
-            or arrays["text_counts"].shape != (vocab_size,) or input_ids.size == 0 or input_ids.max() >= BYTE_VOCAB):
+            or arrays["text_counts"].shape != (vocab_size,) or arrays["lm_share"].shape != (vocab_size,)
+            or arrays["sample_ids"].ndim != 2 or arrays["selection_ids"].ndim != 2 or input_ids.size == 0 or input_ids.max() >= BYTE_VOCAB):
         raise UserError(f"the prepared data in {folder} does not fit together (shapes or byte ids out of range); run again: python prepare_mistral_data.py --model={model}")
     return SimpleNamespace(input_ids=torch.from_numpy(input_ids.astype(np.int64)), table=torch.from_numpy(table.astype(np.float32)),
                            meta=meta, train_ids=torch.from_numpy(arrays["train_ids"]), val_ids=torch.from_numpy(arrays["val_ids"]),
                            test_ids=torch.from_numpy(arrays["test_ids"]),
-                           text_counts=torch.from_numpy(arrays["text_counts"]), folder=folder)
+                           text_counts=torch.from_numpy(arrays["text_counts"]), sample_ids=torch.from_numpy(arrays["sample_ids"]),
+                           selection_ids=torch.from_numpy(arrays["selection_ids"]), lm_share=torch.from_numpy(arrays["lm_share"]), folder=folder)
 
 
 def data_identity(data):

@@ -27,11 +27,13 @@ SHRUNK = [30000]  # not zero, but far below every trained row's norm
 # the plain recipe the tests train with, whatever train.py's defaults (the CPU demo's): a budget in
 # iterations, evals by iteration only, every eval saved, no n-grams, each token once an epoch
 PLAIN = ["--eval_interval_seconds=0", "--always_save_checkpoint=True", "--ngram_max=0", "--sample_power=0",
-         "--rank_prior_tokens=0", "--softmax_weight=0", "--l1_weight=1", "--mse_weight=1"]
+         "--lm_share_tokens=0", "--softmax_weight=0", "--l1_weight=1", "--mse_weight=1"]
 # a small encoder that learns a spelled table (spelled_rows) well in a test's time
 SPELLING_ENCODER = [*PLAIN, "--n_layer=2", "--n_embd=64", "--n_head=2", "--head_hidden=256", "--batch_size=256",
                     "--gradient_accumulation_steps=1", "--eval_sample=256", "--max_iters=500", "--eval_interval=500",
                     "--learning_rate=5e-3", "--min_lr=5e-4", "--warmup_iters=20", "--l1_weight=0"]
+# the LM's own text that prepare samples, cut to a few windows where the LM or its vocabulary is large
+SMALL_SAMPLE = ["--sample_windows_train=4", "--sample_windows_selection=2", "--sample_length=64"]
 TINY_TRAIN = [*PLAIN, "--n_layer=1", "--n_embd=32", "--n_head=2", "--head_hidden=64", "--batch_size=32",
               "--gradient_accumulation_steps=1", "--eval_sample=512"]
 

@@ -108,6 +108,9 @@ def test_e2e_on_its_default_path_lowers_the_residual_stream_error_and_the_kl_wri
     assert "\r" not in proc.stderr  # piped into a log, the progress bar writes lines
     record = e2e_record(out_dir)
     assert record["e2e"]["hidden_layers"] == 2 and record["e2e"]["kl_share"] == 0.0
+    # three of each step's four windows are the LM's own text that prepare sampled, cut to the context
+    # (the fourth would be chat turns; this tokenizer has no chat template, so it is the training text)
+    assert record["e2e"]["sample_windows"] == 3 and "128 of the LM's own text, 4 windows a step (0 chat, 3 the LM's)" in proc.stdout
     assert record["stage"] == "e2e" and record["e2e"]["steps"] > 0 and f"{record['e2e']['steps']} steps in" in proc.stdout
     assert record["e2e"]["parent"] == torch.load(out_dir / "ckpt.pt", weights_only=True)["id"] != record["id"]
     assert (out_dir / "ckpt.pt").read_bytes() == regression  # the regression stage's checkpoint survives
@@ -173,6 +176,11 @@ def test_a_new_regression_checkpoint_makes_the_e2e_stage_stale(tiny_mistral, wor
     record = e2e_record(out_dir)["e2e"]
     assert record["parent"] == torch.load(out_dir / "ckpt.pt", weights_only=True)["id"]
     assert record["hidden_layers"] == 1 and record["kl_share"] == 0.5
+
+
+def test_window_shares_that_add_up_to_more_than_a_step_are_one_sentence(tiny_mistral, workdir, tmp_path):
+    fails_with(e2e_in_process(tiny_mistral.folder, tmp_path, "--e2e_sample_share=1", cwd=workdir),
+               "e2e_chat_share=0.25 and e2e_sample_share=1 add up to more than all of a step's windows")
 
 
 def test_e2e_without_a_checkpoint_is_one_sentence(tiny_mistral, prepared_mistral, workdir, tmp_path):
@@ -269,7 +277,8 @@ def test_held_out_tokens_keep_their_own_rows_in_the_windows(mostly_held_out, wor
     text_tokens = set(load_tokenizer(folder)(training_text(), add_special_tokens=False)["input_ids"])
     assert not text_tokens & set(data.train_ids.tolist()) and len(text_tokens & set(data.test_ids.tolist())) > 1000
     (out_dir / "e2e.pt").unlink(missing_ok=True)
-    succeeds(e2e_run(folder, out_dir, "--e2e_seconds=3", cwd=workdir))
+    # the LM's own sampled text may hold one of the few trained tokens: the training text's windows only
+    succeeds(e2e_run(folder, out_dir, "--e2e_seconds=3", "--e2e_sample_share=0", cwd=workdir))
     record = e2e_record(out_dir)
     assert record["e2e"]["steps"] > 0 and record["e2e"]["last_match"] < 1e-6, record["e2e"]
 

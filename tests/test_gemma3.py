@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from soft_tokenizer.lm import bos_id, load_lm, load_tokenizer, resolve_model, text_windows, training_text
 from soft_tokenizer.spelling import token_bytes, untrained_rows
 from soft_tokenizer.untrained import VERIFIED_BELOW, find_untrained, geometry_candidates, named_unused, repeat_probabilities
-from helpers import ONE_THREAD, TINY_TRAIN, assert_own_table_changes_nothing, first_windows, run_script, spelled_rows, succeeds
+from helpers import ONE_THREAD, SMALL_SAMPLE, TINY_TRAIN, assert_own_table_changes_nothing, first_windows, run_script, spelled_rows, succeeds
 
 UNUSED = 6242
 
@@ -144,7 +144,7 @@ def tiny_gemma3(tmp_path_factory):
 def test_the_pipeline_runs_on_gemma_and_leaves_the_unused_rows_out(tiny_gemma3, workdir):
     model, out_dir = f"--model={tiny_gemma3.folder}", workdir / "out-tiny-gemma3"
     # both cores: the detector's matrices are 262,144 rows long
-    prepare = succeeds(run_script("prepare_mistral_data.py", model, cwd=workdir))
+    prepare = succeeds(run_script("prepare_mistral_data.py", model, *SMALL_SAMPLE, cwd=workdir))
     data = workdir / "data" / tiny_gemma3.folder.name
     meta = json.loads((data / "meta.json").read_text())
     untrained = {t["id"] for t in meta["tokens"] if "untrained" in t["flags"]}

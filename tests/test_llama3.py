@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from soft_tokenizer.lm import load_tokenizer, training_text
 from soft_tokenizer.spelling import token_bytes, untrained_rows
-from helpers import ONE_THREAD, SPELLING_ENCODER, assert_own_table_changes_nothing, first_windows, generates, run_script, spelled_rows, stock_load, succeeds
+from helpers import ONE_THREAD, SMALL_SAMPLE, SPELLING_ENCODER, assert_own_table_changes_nothing, first_windows, generates, run_script, spelled_rows, stock_load, succeeds
 
 VOCAB, RANKS = 128256, 128000
 TRAINED_SPECIALS = [128000, 128001]  # <|begin_of_text|>, <|end_of_text|>
@@ -88,7 +88,7 @@ def tiny_llama3(reference, tmp_path_factory):
 def pipeline(tiny_llama3, workdir):
     """prepare -> train -> evaluate -> test_mistral, as a user runs them."""
     model, out_dir = f"--model={tiny_llama3.folder}", workdir / "out-llama3"
-    runs = {"prepare": succeeds(run_script("prepare_mistral_data.py", model, cwd=workdir)),
+    runs = {"prepare": succeeds(run_script("prepare_mistral_data.py", model, *SMALL_SAMPLE, cwd=workdir)),
             "train": succeeds(run_script("train.py", model, f"--out_dir={out_dir}", *SPELLING_ENCODER, cwd=workdir, env=ONE_THREAD)),
             # top-1 on 4,096 rows: on all 128,256 it is a minute of V x V x D work no test reads
             "evaluate": succeeds(run_script("evaluate.py", model, f"--out_dir={out_dir}", "--top1_rows=4096", cwd=workdir)),

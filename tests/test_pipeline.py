@@ -67,6 +67,12 @@ def test_evaluate_writes_predictions_report_and_plots(tiny_mistral, trained_mist
     in_text = (counts * cosine).sum() / counts.sum()
     assert groups["in text"]["cosine"] == pytest.approx(in_text.item(), rel=1e-3, abs=1e-5)
     assert groups["in text"]["cosine"] != pytest.approx(cosine[counts > 0].mean().item(), rel=0.05, abs=1e-4)
+    # the LM's own text: the tokens it sampled, each by its share of the LM's next-token distributions
+    sampled = torch.zeros(32000, dtype=torch.bool)
+    sampled[data.sample_ids.flatten()] = True
+    share = data.lm_share * sampled
+    assert groups["LM's text"]["count"] == sampled.sum() > 1000
+    assert groups["LM's text"]["cosine"] == pytest.approx(((share * cosine).sum() / share.sum()).item(), rel=1e-3, abs=1e-5)
 
 
 def perplexity(lm, ids):

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from soft_tokenizer.lm import resolve_model
 from model import END, PAD, START
-from helpers import BYTE_A, TOKEN_A, fails_with, files_under, mistral_tokenizer_model, run_in_process, run_script, succeeds
+from helpers import BYTE_A, SMALL_SAMPLE, TOKEN_A, fails_with, files_under, mistral_tokenizer_model, run_in_process, run_script, succeeds
 
 
 def load_prepared(folder):
@@ -71,13 +71,14 @@ def test_meta_flags(tiny_mistral, prepared_mistral):
 
 
 def test_only_the_embedding_shard_is_read(tiny_mistral, tmp_path):
-    """With every other shard gone (the index still names them), prepare still works."""
+    """With every other shard gone (the index still names them), prepare without the LM's own
+    text (which needs the whole LM) still works."""
     folder = tmp_path / "only-embedding-shard"
     shutil.copytree(tiny_mistral.folder, folder)
     for shard in tiny_mistral.shards:
         if shard != tiny_mistral.embedding_shard:
             (folder / shard).unlink()
-    succeeds(run_script("prepare_mistral_data.py", f"--model={folder}", cwd=tmp_path))
+    succeeds(run_script("prepare_mistral_data.py", f"--model={folder}", "--sample_windows_train=0", "--sample_windows_selection=0", cwd=tmp_path))
     _, table, meta = load_prepared(tmp_path / "data" / folder.name)
     assert np.array_equal(table, tiny_mistral.embedding)
     assert meta["embedding_shard"] == tiny_mistral.embedding_shard
@@ -95,7 +96,7 @@ def test_missing_embedding_shard_is_one_sentence(tiny_mistral, tmp_path):
 
 def test_block_grows_for_longer_tokens(tmp_path):
     """SmolLM2's longest token is 81 bytes: the block becomes 83, nothing is cut."""
-    succeeds(run_script("prepare_mistral_data.py", "--model=smollm2", cwd=tmp_path))
+    succeeds(run_script("prepare_mistral_data.py", "--model=smollm2", *SMALL_SAMPLE, cwd=tmp_path))
     input_ids, table, meta = load_prepared(tmp_path / "data" / "smollm2")
     lengths = (input_ids != PAD).sum(1) - 2
     assert lengths.max() == 81 and input_ids.shape == (49152, 83) and meta["block_size"] == 83
@@ -124,3 +125,25 @@ def test_prepare_writes_the_split_and_text_counts(tiny_mistral, prepared_mistral
     ids = mistral_tokenizer(training_text(), add_special_tokens=False)["input_ids"]
     assert counts.shape == (32000,) and counts.sum() == len(ids) == meta["training_text_tokens"]
     assert counts[mistral_tokenizer.convert_tokens_to_ids("▁the")] == ids.count(mistral_tokenizer.convert_tokens_to_ids("▁the")) > 100
+
+
+def test_the_lms_own_text_is_what_it_samples(tiny_mistral, prepared_mistral):
+    """sample_windows with its KV cache computes what one full forward pass over the windows
+    does: its share is the mean next-token distribution at every position that was sampled
+    from, the same seed gives the same text, and prepare stores training and selection windows
+    of it, BOS-led like every window the LM reads."""
+    import torch
+    from soft_tokenizer.lm import load_lm, sample_windows
+    lm, tokenizer = load_lm(tiny_mistral.folder)
+    windows, share = sample_windows(lm, tokenizer, 5, 12, seed=3, batch=2)
+    assert windows.shape == (5, 12) and (windows[:, 0] == tokenizer.bos_token_id).all()
+    with torch.no_grad():
+        expected = lm(windows).logits[:, :-1].double().softmax(-1).mean((0, 1))
+    torch.testing.assert_close(share, expected / expected.sum(), rtol=1e-4, atol=1e-12)
+    assert torch.equal(sample_windows(lm, tokenizer, 5, 12, seed=3, batch=2)[0], windows)
+    assert not torch.equal(sample_windows(lm, tokenizer, 5, 12, seed=4)[0], windows)
+    data, meta = prepared_mistral.data, load_prepared(prepared_mistral.data)[2]
+    sample_ids, selection_ids, lm_share = (np.load(data / f"{name}.npy") for name in ("sample_ids", "selection_ids", "lm_share"))
+    assert sample_ids.shape == (meta["sample_windows_train"], meta["sample_length"]) == (128, 128)
+    assert selection_ids.shape == (32, 128) and (sample_ids[:, 0] == 1).all() and (selection_ids[:, 0] == 1).all()
+    assert lm_share.shape == (32000,) and abs(lm_share.sum() - 1) < 1e-9 and (lm_share > 0).all()

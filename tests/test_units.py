@@ -179,14 +179,3 @@ def test_chat_turns_are_paragraph_pairs_in_the_template(smollm2_tokenizer):
     assert rendered.count("<|im_end|>") == 6  # a system turn the template adds, then user and assistant, twice
     assert f"<|im_start|>user\n{first}<|im_end|>\n<|im_start|>assistant\n{second}<|im_end|>" in rendered
     assert rendered.index(second) < rendered.index(f"user\n{third}<|im_end|>\n<|im_start|>assistant\n{fourth}")
-
-
-def test_rank_prior_adds_its_tokens_by_zipf_over_the_ids():
-    from soft_tokenizer.schedule import counts_with_rank_prior
-    text_counts = torch.tensor([0, 5, 0, 0, 7] + [0] * 995)
-    assert torch.equal(counts_with_rank_prior(text_counts, 0.0), text_counts.double())
-    counts = counts_with_rank_prior(text_counts, 1000.0)
-    prior = counts - text_counts.double()
-    assert prior.sum().item() == pytest.approx(1000.0)
-    assert (prior[:-1] > prior[1:]).all()  # a lower id, earlier in the merge order, gets more
-    assert prior[0] / prior[900] == pytest.approx(1000 / 100)  # 1 / (id + 100)
