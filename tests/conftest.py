@@ -16,7 +16,7 @@ import torch
 # before anything imports huggingface_hub, which reads it once: scripts run in-process are offline too
 os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
-from helpers import REPO, SHRUNK, TINY_TRAIN, ZEROED, mistral_tokenizer_model, run_script, succeeds
+from helpers import REPO, SHRUNK, SMALL_SAMPLE, TINY_TRAIN, ZEROED, mistral_tokenizer_model, run_script, succeeds
 
 sys.path.insert(0, str(REPO))  # the package soft_tokenizer and model.py live at the repository root
 
@@ -87,13 +87,13 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def prepared_mistral(tiny_mistral, workdir):
-    proc = succeeds(run_script("prepare_mistral_data.py", f"--model={tiny_mistral.folder}", cwd=workdir))
+    proc = succeeds(run_script("prepare_mistral_data.py", f"--model={tiny_mistral.folder}", *SMALL_SAMPLE, cwd=workdir))
     return SimpleNamespace(proc=proc, data=workdir / "data" / tiny_mistral.name)
 
 
 @pytest.fixture(scope="session")
 def prepared_narrow(narrow_mistral, workdir):
-    succeeds(run_script("prepare_mistral_data.py", f"--model={narrow_mistral.folder}", cwd=workdir))
+    succeeds(run_script("prepare_mistral_data.py", f"--model={narrow_mistral.folder}", *SMALL_SAMPLE, cwd=workdir))
     return workdir / "data" / narrow_mistral.name
 
 

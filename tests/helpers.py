@@ -32,7 +32,8 @@ PLAIN = ["--eval_interval_seconds=0", "--always_save_checkpoint=True", "--ngram_
 SPELLING_ENCODER = [*PLAIN, "--n_layer=2", "--n_embd=64", "--n_head=2", "--head_hidden=256", "--batch_size=256",
                     "--gradient_accumulation_steps=1", "--eval_sample=256", "--max_iters=500", "--eval_interval=500",
                     "--learning_rate=5e-3", "--min_lr=5e-4", "--warmup_iters=20", "--l1_weight=0"]
-# the LM's own text that prepare samples, cut to a few windows where the LM or its vocabulary is large
+# the LM's own text that prepare samples, cut to a few windows: on the real LMs and the large
+# vocabularies the default's 20,000 tokens would take minutes, on the tiny Mistral seconds each time
 SMALL_SAMPLE = ["--sample_windows_train=4", "--sample_windows_selection=2", "--sample_length=64"]
 TINY_TRAIN = [*PLAIN, "--n_layer=1", "--n_embd=32", "--n_head=2", "--head_hidden=64", "--batch_size=32",
               "--gradient_accumulation_steps=1", "--eval_sample=512"]

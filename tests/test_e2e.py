@@ -110,7 +110,7 @@ def test_e2e_on_its_default_path_lowers_the_residual_stream_error_and_the_kl_wri
     assert record["e2e"]["hidden_layers"] == 2 and record["e2e"]["kl_share"] == 0.0
     # three of each step's four windows are the LM's own text that prepare sampled, cut to the context
     # (the fourth would be chat turns; this tokenizer has no chat template, so it is the training text)
-    assert record["e2e"]["sample_windows"] == 3 and "128 of the LM's own text, 4 windows a step (0 chat, 3 the LM's)" in proc.stdout
+    assert record["e2e"]["sample_windows"] == 3 and "4 of the LM's own text, 4 windows a step (0 chat, 3 the LM's)" in proc.stdout
     assert record["stage"] == "e2e" and record["e2e"]["steps"] > 0 and f"{record['e2e']['steps']} steps in" in proc.stdout
     assert record["e2e"]["parent"] == torch.load(out_dir / "ckpt.pt", weights_only=True)["id"] != record["id"]
     assert (out_dir / "ckpt.pt").read_bytes() == regression  # the regression stage's checkpoint survives
@@ -260,7 +260,7 @@ def mostly_held_out(tiny_mistral, workdir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "mostly-held-out"
     shutil.copytree(tiny_mistral.folder, folder)
     out_dir = folder.parent / "out-held-out"
-    succeeds(run_script("prepare_mistral_data.py", f"--model={folder}", "--test_fraction=0.9995", "--val_fraction=0",
+    succeeds(run_script("prepare_mistral_data.py", f"--model={folder}", "--sample_windows_train=4", "--sample_windows_selection=2", "--test_fraction=0.9995", "--val_fraction=0",
                         "--split_seed=37", cwd=workdir))
     succeeds(run_script("train.py", f"--model={folder}", f"--out_dir={out_dir}", *TINY_TRAIN, "--max_iters=2",
                         "--eval_interval=2", cwd=workdir, env=ONE_THREAD))

@@ -71,7 +71,7 @@ def test_evaluate_writes_predictions_report_and_plots(tiny_mistral, trained_mist
     sampled = torch.zeros(32000, dtype=torch.bool)
     sampled[data.sample_ids.flatten()] = True
     share = data.lm_share * sampled
-    assert groups["LM's text"]["count"] == sampled.sum() > 1000
+    assert groups["LM's text"]["count"] == sampled.sum() > 200
     assert groups["LM's text"]["cosine"] == pytest.approx(((share * cosine).sum() / share.sum()).item(), rel=1e-3, abs=1e-5)
 
 

@@ -144,6 +144,6 @@ def test_the_lms_own_text_is_what_it_samples(tiny_mistral, prepared_mistral):
     assert not torch.equal(sample_windows(lm, tokenizer, 5, 12, seed=4)[0], windows)
     data, meta = prepared_mistral.data, load_prepared(prepared_mistral.data)[2]
     sample_ids, selection_ids, lm_share = (np.load(data / f"{name}.npy") for name in ("sample_ids", "selection_ids", "lm_share"))
-    assert sample_ids.shape == (meta["sample_windows_train"], meta["sample_length"]) == (128, 128)
-    assert selection_ids.shape == (32, 128) and (sample_ids[:, 0] == 1).all() and (selection_ids[:, 0] == 1).all()
+    assert sample_ids.shape == (meta["sample_windows_train"], meta["sample_length"]) == (4, 64)
+    assert selection_ids.shape == (2, 64) and (sample_ids[:, 0] == 1).all() and (selection_ids[:, 0] == 1).all()
     assert lm_share.shape == (32000,) and abs(lm_share.sum() - 1) < 1e-9 and (lm_share > 0).all()

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from soft_tokenizer.storage import DATA_FILES, data_identity, sha256
-from helpers import ONE_THREAD, REPO, TINY_TRAIN, fails_with, files_under, run_script, succeeds
+from helpers import ONE_THREAD, REPO, SMALL_SAMPLE, TINY_TRAIN, fails_with, files_under, run_script, succeeds
 
 
 def test_the_predicted_table_records_its_checkpoint_and_data(tiny_mistral, prepared_mistral, evaluated_mistral):
@@ -62,7 +62,7 @@ def test_an_lm_whose_table_is_not_the_datas_is_refused(tiny_mistral, evaluated_m
 def other_split(tiny_mistral, tmp_path_factory):
     """The same model prepared again in another folder with another split_seed."""
     cwd = tmp_path_factory.mktemp("other-split")
-    succeeds(run_script("prepare_mistral_data.py", f"--model={tiny_mistral.folder}", "--split_seed=7", cwd=cwd))
+    succeeds(run_script("prepare_mistral_data.py", f"--model={tiny_mistral.folder}", *SMALL_SAMPLE, "--split_seed=7", cwd=cwd))
     return SimpleNamespace(cwd=cwd, data=cwd / "data" / tiny_mistral.name)
 
 

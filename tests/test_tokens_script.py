@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from soft_tokenizer.lm import load_tokenizer
 from soft_tokenizer.spelling import token_bytes, untrained_rows
-from helpers import (BYTE_A, ONE_THREAD, SPELLING_ENCODER, TOKEN_A, files_under, fails_with, generates, run_in_process, run_script, spelled_rows,
+from helpers import (BYTE_A, ONE_THREAD, SMALL_SAMPLE, SPELLING_ENCODER, TOKEN_A, files_under, fails_with, generates, run_in_process, run_script, spelled_rows,
                      stock_load, succeeds)
 
 BYTE_a, TOKEN_a = 100, 28708  # <0x61> and "a"
@@ -36,7 +36,7 @@ def spelled(tiny_mistral, workdir, tmp_path_factory):
     lm.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     out_dir = workdir / "out-spelled"
-    succeeds(run_script("prepare_mistral_data.py", f"--model={folder}", cwd=workdir))
+    succeeds(run_script("prepare_mistral_data.py", f"--model={folder}", *SMALL_SAMPLE, cwd=workdir))
     succeeds(run_script("train.py", f"--model={folder}", f"--out_dir={out_dir}", *SPELLING_ENCODER, cwd=workdir, env=ONE_THREAD))
     # the twins must be rows the encoder learnt, or the test says nothing
     assert {TOKEN_A, TOKEN_a} <= set(np.load(workdir / "data" / folder.name / "train_ids.npy").tolist())
