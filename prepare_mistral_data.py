@@ -40,7 +40,7 @@ split_seed = 1337  # fixes the split
 # the LM's own text, sampled: what it reads in general (where the docstrings are one domain), for
 # the share of each token that train.py draws by and for windows of train_e2e.py; with 0 windows
 # of each, the LM is not loaded (only its tokenizer and input table are read)
-sample_windows_train = 128  # windows of sample_length tokens to train on (about 70 s on SmolLM2 on 2 CPU cores)
+sample_windows_train = 128  # windows of sample_length tokens to train on (with the 32 below, about 90 s on SmolLM2 on 2 CPU cores)
 sample_windows_selection = 32  # more, never trained on: half of the selection text that chooses the recipe
 sample_length = 128
 sample_seed = 1337

@@ -8,7 +8,7 @@ model = "gemma3"
 out_dir = "out-gemma3"
 max_seconds = 180.0
 e2e_seconds = 180.0
-# its text costs 4 times SmolLM2's to sample (a 262,144-row head): a quarter as many windows
+# its text costs 3 times as much a token as SmolLM2's to sample (a 262,144-row head): a quarter as many windows
 sample_windows_train = 32
 sample_windows_selection = 16
 # a base model has no chat template: a completion its original answers
