@@ -87,7 +87,6 @@ counts = np.bincount(np.asarray(text_ids, dtype=np.int64), minlength=len(tokens)
 if n_samples:
     samples, share = sample_windows(lm, tokenizer, n_samples, sample_length, sample_seed)
     del lm
-    share = share[:len(tokens)] / share[:len(tokens)].sum()  # logits past the vocabulary (padding) are never sampled
 else:
     samples, share = torch.zeros((0, sample_length), dtype=torch.int64), torch.zeros(len(tokens), dtype=torch.float64)
 sample_ids, selection_ids = samples[:sample_windows_train].numpy(), samples[sample_windows_train:].numpy()

@@ -379,7 +379,7 @@ def sample_windows(lm, tokenizer, n_windows, length, seed, batch=64):
     distribution, so that they cover what the LM reads and writes in general, in every language
     and domain it knows, for any tokenizer. Returns the windows [n_windows, length] (start token
     first, as text_windows leads them) and the mean of the LM's next-token distributions over
-    them, float64 [vocabulary]: its expected share of each token, far less noisy than counting
+    them, float64 [len(tokenizer)]: its expected share of each token, far less noisy than counting
     the sampled tokens."""
     start = bos_id(tokenizer)
     start = tokenizer.eos_token_id if start is None else start
@@ -391,7 +391,8 @@ def sample_windows(lm, tokenizer, n_windows, length, seed, batch=64):
         past = None
         for _ in range(length - 1):
             out = lm(input_ids=ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
-            past, probs = out.past_key_values, out.logits[:, -1].float().softmax(-1)
+            # logits past the tokenizer's vocabulary (a head padded to a multiple of 64) name no token
+            past, probs = out.past_key_values, out.logits[:, -1, :len(tokenizer)].float().softmax(-1)
             share = share + probs.sum(0).double().cpu()
             ids = torch.cat([ids, torch.multinomial(probs.cpu(), 1, generator=generator).to(ids.device)], 1)
             bar.update(len(ids))

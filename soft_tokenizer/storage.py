@@ -75,7 +75,9 @@ def load_data(model):
     input_ids, table = arrays["input_ids"], arrays["embeddings"]
     if (input_ids.ndim != 2 or input_ids.shape[0] != vocab_size or table.shape != (vocab_size, dim)
             or arrays["text_counts"].shape != (vocab_size,) or arrays["lm_share"].shape != (vocab_size,)
-            or arrays["sample_ids"].ndim != 2 or arrays["selection_ids"].ndim != 2 or input_ids.size == 0 or input_ids.max() >= BYTE_VOCAB):
+            or any(arrays[name].ndim != 2 or (arrays[name].size and not 0 <= arrays[name].min() <= arrays[name].max() < vocab_size)
+                   for name in ("sample_ids", "selection_ids"))
+            or input_ids.size == 0 or input_ids.max() >= BYTE_VOCAB):
         raise UserError(f"the prepared data in {folder} does not fit together (shapes or byte ids out of range); run again: python prepare_mistral_data.py --model={model}")
     return SimpleNamespace(input_ids=torch.from_numpy(input_ids.astype(np.int64)), table=torch.from_numpy(table.astype(np.float32)),
                            meta=meta, train_ids=torch.from_numpy(arrays["train_ids"]), val_ids=torch.from_numpy(arrays["val_ids"]),

@@ -65,7 +65,8 @@ def test_corrupt_checkpoint_is_one_sentence(tiny_mistral, trained_mistral, workd
     assert files_under(out_dir) == before
 
 
-@pytest.mark.parametrize("damage", ["truncated embeddings", "garbage input_ids header", "invalid meta.json", "byte ids out of range"])
+@pytest.mark.parametrize("damage", ["truncated embeddings", "garbage input_ids header", "invalid meta.json", "byte ids out of range",
+                                    "sampled token ids out of range", "no sampled text"])
 def test_corrupt_data_is_one_sentence(tiny_mistral, prepared_mistral, tmp_path, damage):
     data = tmp_path / "data" / tiny_mistral.name
     shutil.copytree(prepared_mistral.data, data)
@@ -76,6 +77,12 @@ def test_corrupt_data_is_one_sentence(tiny_mistral, prepared_mistral, tmp_path, 
         (data / "input_ids.npy").write_bytes(b"\x93NUMPY garbage" + bytes(100))
     elif damage == "invalid meta.json":
         (data / "meta.json").write_text("{not json")
+    elif damage == "sampled token ids out of range":
+        ids = np.load(data / "sample_ids.npy")
+        ids[0, 3] = 32000  # the tiny Mistral has ids 0..31999; e2e would index its table with it
+        np.save(data / "sample_ids.npy", ids)
+    elif damage == "no sampled text":  # data prepared before prepare sampled the LM's text
+        (data / "lm_share.npy").unlink()
     else:
         ids = np.load(data / "input_ids.npy")
         ids[5, 3] = 300  # no byte id is above 258
