@@ -372,4 +372,7 @@ finally:
 if master and device_type == "cuda":
     print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 if ddp:
+    # rank 0 may still be evaluating and saving; a gloo process that tears down its group while
+    # its peer is busy can abort ("terminate called without an active exception")
+    torch.distributed.barrier()
     destroy_process_group()
