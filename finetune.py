@@ -17,6 +17,13 @@ The tokens: new_words adds the training part's most frequent words that the toke
 into pieces (each its own spelling); rows_from names them (JSON {token: name}): a token the
 vocabulary has is repurposed (its row is made from the name, and the name, where the text
 writes it, is read as the token: "<code>" becomes <unused1>), any other is added.
+Before any training, the zero-shot table: the LM's bits per byte on the held-out part with the
+new tokens, per method, against the original LM reading the same text with its own tokenizer.
+The excess over the original is the figure (bits, not perplexity per token: the two tokenizers
+cut the text into different tokens). "input and output": in a tied LM the method's row serves
+both sides, as after tokens.py add; "input only": the new tokens' output rows are the mean of
+the trained output rows whatever the method (in an untied LM always so; tokens.py says why).
+--steps=0 stops there.
 Writes out_dir/NAME.json (every curve, and what it came from) and out_dir/NAME.png.
 """
 import collections
@@ -34,9 +41,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from soft_tokenizer.configurator import UserError, check, configure, pick_device, progress
-from soft_tokenizer.filling import add_tokens, new_rows, read_names, set_rows
-from soft_tokenizer.lm import finetune_text, load_lm, load_tokenizer, read_text_file, resolve_model, text_windows
-from soft_tokenizer.spelling import tokenizer_kind, vocab_id
+from soft_tokenizer.distill import distill_rows
+from soft_tokenizer.filling import add_tokens, fill_output_rows, new_rows, read_names, set_rows
+from soft_tokenizer.lm import bits_per_byte, finetune_text, load_lm, load_tokenizer, read_text_file, resolve_model, text_windows, untie_head
+from soft_tokenizer.spelling import byte_lengths, tokenizer_kind, vocab_id
 from soft_tokenizer.storage import atomic_write, check_lm_table, checkpoint_source, load_checkpoint, load_data, save_model_folder, untrained_in, write_text_file
 
 model = "smollm2"  # hub id, local folder, or "smollm2"; its data must be prepared (prepare_mistral_data.py)
@@ -47,28 +55,45 @@ text_file = ""  # UTF-8 text, documents separated by blank lines; empty: numpy's
 code_tags = False  # the default text with every doctest example between lines <code> and </code>
 new_words = 300  # add the training part's most frequent words (" word", space included) that the tokenizer splits in pieces
 rows_from = ""  # instead: a JSON file {token: name}; a token the vocabulary has is repurposed, any other added
-methods = "soft,fvt,mean,mean_resizing,random"  # for repurposed tokens: shipped instead of mean_resizing, random
+methods = "soft,fvt,mean,mean_resizing,random"  # for repurposed tokens: shipped instead of mean_resizing, random; soft+distill (fvt+, mean+): refined by Token Distillation
+# Token Distillation (soft_tokenizer/distill.py) on the training part: places per token, the
+# tokens before and after each, optimizer steps of distill_batch places, Adam's step in units of a
+# typical coordinate of the rows, and the LM layers whose residual stream is matched (0: all)
+distill_contexts = 8
+distill_before = 24
+distill_after = 8
+distill_steps = 60
+distill_batch = 32
+distill_lr = 0.02
+distill_layers = 0
 train_params = "new_rows,all"  # new_rows: only the new tokens' rows (input and output) train; all: the whole model
-steps = 20  # optimizer steps per method and setting (20 x 4 x 128 tokens: about 17 minutes for 5 methods x 2 settings on 2 CPU cores)
+steps = 20  # optimizer steps per method and setting; 0: the zero-shot table only (20 x 4 x 128 tokens: about 17 minutes for 5 methods x 2 settings on 2 CPU cores)
 finetune_batch_size = 4  # windows per step
 finetune_context = 128  # tokens per window
 finetune_learning_rate = 1e-3  # new_rows: Adam on the rows alone
 finetune_learning_rate_all = 5e-5  # all: the usual full fine-tuning rate
 finetune_eval_interval = 4  # steps between evaluations
+zero_shot_chars = 50000  # the zero-shot table reads the held-out part's first documents up to this many characters
+zero_shot_context = 512  # in windows of this many tokens, each led by the LM's BOS where it has one
 eval_windows = 8  # windows of each part evaluated, drawn once among those that hold a new token (the same for every method)
 held_out_every = 10  # every this many-th document is held out
 seed = 0
 save_models = False  # also write every fine-tuned model to out_dir/NAME-models/SETTING-METHOD (a folder stock transformers loads)
 device = "auto"  # auto: cuda, else cpu (never mps: configurator.pick_device)
 configure(globals())
-for key in ("steps", "finetune_batch_size", "finetune_eval_interval", "eval_windows"):
+for key in ("finetune_batch_size", "finetune_eval_interval", "eval_windows", "zero_shot_chars", "distill_contexts", "distill_before", "distill_after", "distill_batch"):
     check(globals(), key, 1)
+check(globals(), "steps", 0)
+check(globals(), "distill_steps", 0)
+check(globals(), "distill_layers", 0)
+check(globals(), "distill_lr", 0, low_open=True)
 check(globals(), "finetune_context", 8)
+check(globals(), "zero_shot_context", 2)
 check(globals(), "held_out_every", 2)
 check(globals(), "new_words", 0)
 check(globals(), "finetune_learning_rate", 0, low_open=True)
 check(globals(), "finetune_learning_rate_all", 0, low_open=True)
-METHODS = ("soft", "fvt", "mean", "mean_resizing", "random", "shipped")
+METHODS = ("soft", "fvt", "mean", "mean_resizing", "random", "shipped", "soft+distill", "fvt+distill", "mean+distill")
 method_list = [m for m in methods.split(",") if m]
 settings = [s for s in train_params.split(",") if s]
 if not method_list or set(method_list) - set(METHODS) or len(set(method_list)) != len(method_list):
@@ -119,6 +144,7 @@ if repurposed and set(method_list) & {"random", "mean_resizing"}:
     raise UserError("random and mean_resizing are what resizing gives added tokens; for repurposed tokens compare shipped, mean, fvt, soft")
 if added and "shipped" in method_list:
     raise UserError(f"shipped is for repurposed tokens, but {added[0]!r} is not a token of {model} yet; use random or mean_resizing")
+original_parts = parts  # the text as the original LM reads it, names and all
 for token in repurposed:  # the text writes a repurposed token by its name
     parts = {part: [d.replace(names[token], token) for d in part_docs] for part, part_docs in parts.items()}
 
@@ -126,10 +152,21 @@ for token in repurposed:  # the text writes a repurposed token by its name
 table, vocab_size = data.table, data.meta["vocab_size"]
 known = ~untrained_in(data)
 known[list(repurposed.values())] = False
-encoder = load_checkpoint(out_dir, {"model": model, "vocab_size": vocab_size, "dim": table.shape[1]}, checkpoint) if "soft" in method_list else None
+starts = {m.removesuffix("+distill") for m in method_list} & {"soft", "fvt", "mean"}
+encoder = load_checkpoint(out_dir, {"model": model, "vocab_size": vocab_size, "dim": table.shape[1]}, checkpoint) if "soft" in starts else None
 order_of_ids = list(repurposed) + added  # the order make_model gives the ids in
 spelled = [names[token].encode("utf-8") for token in order_of_ids]
-rows = {m: new_rows(m, spelled, table, known, tokenizer, encoder) for m in method_list if m in ("soft", "fvt", "mean")}
+rows = {m: new_rows(m, spelled, table, known, tokenizer, encoder) for m in starts}
+distill_seconds = {}  # what Token Distillation cost, per method
+if any(m.endswith("+distill") for m in method_list):
+    lm, _ = load_lm(model, device=dev)
+    for method in [m for m in method_list if m.endswith("+distill")]:
+        rows[method], distill_seconds[method], losses = distill_rows(lm, tokenizer, [names[t] for t in order_of_ids], rows[method.removesuffix("+distill")],
+                                                     "\n\n".join(original_parts["train"]), distill_contexts, distill_before, distill_after,
+                                                     distill_layers, distill_steps, distill_lr, distill_batch, seed)
+        print(f"{method}: {distill_seconds[method]:.0f} s for {len(names)} tokens ({distill_seconds[method] / len(names):.2f} s a token); "
+              f"the matching error {losses[0]:.4f} at the first step, {losses[-1]:.4f} at the last" if losses else "")
+    del lm
 
 
 def make_model(method):
@@ -150,26 +187,77 @@ def make_model(method):
     return lm, tok, ids
 
 
-first_lm, first_tokenizer, new_ids = make_model(method_list[0])
-windows = {part: text_windows(first_tokenizer, first_tokenizer("\n\n".join(part_docs), add_special_tokens=False, verbose=False)["input_ids"], finetune_context)
-           for part, part_docs in parts.items()}
-del first_lm
-generator = torch.Generator().manual_seed(seed)
-order = torch.randperm(len(windows["train"]), generator=generator)
-if steps * finetune_batch_size > len(order):
-    raise UserError(f"{steps} steps of {finetune_batch_size} windows need {steps * finetune_batch_size} windows but the training part has {len(order)}; "
-                    f"lower steps or finetune_batch_size, or use a longer text")
-counts = {part: int(torch.isin(w, new_ids).sum()) for part, w in windows.items()}
-evaluated = {}
-for part, w in windows.items():
-    holding = torch.isin(w, new_ids).any(1).nonzero()[:, 0]
-    if len(holding) < eval_windows:
-        raise UserError(f"only {len(holding)} windows of the {part.replace('_', '-')} part hold a new token; lower eval_windows or use a text that uses the tokens more")
-    evaluated[part] = w[holding[torch.randperm(len(holding), generator=generator)[:eval_windows]]]
 print(f"{model}: {len(names)} tokens ({len(added)} added, {len(repurposed)} repurposed), e.g. " +
       ", ".join(f"{t!r}" + (f" as {names[t]!r}" if names[t] != t else "") for t in list(names)[:6]))
-print(f"text: {len(docs)} documents; training part {windows['train'].numel()} tokens ({counts['train']} new), "
-      f"held-out part {windows['held_out'].numel()} tokens ({counts['held_out']} new); windows of {finetune_context}")
+
+
+# -----------------------------------------------------------------------------
+# zero-shot: bits per byte before any training
+
+def first_documents(part_docs):
+    """The first documents of a part, up to zero_shot_chars characters (at least one document)."""
+    count, chars = 0, 0
+    while count < len(part_docs) and (count == 0 or chars + len(part_docs[count]) <= zero_shot_chars):
+        chars, count = chars + len(part_docs[count]) + 2, count + 1
+    return "\n\n".join(part_docs[:count])
+
+
+def zero_shot_windows(tok, text):
+    windows = text_windows(tok, tok(text, add_special_tokens=False, verbose=False)["input_ids"], zero_shot_context)
+    if len(windows) == 0:
+        raise UserError(f"the zero-shot text (the held-out part's first {zero_shot_chars} characters) makes no window of "
+                        f"zero_shot_context={zero_shot_context} tokens; raise zero_shot_chars or lower zero_shot_context")
+    return windows
+
+
+zero_shot_text = first_documents(parts["held_out"])
+lm, tok = load_lm(model, device=dev)
+tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+original_windows = zero_shot_windows(tok, first_documents(original_parts["held_out"]))
+zero_shot = {"original": {"input_and_output": bits_per_byte(lm, original_windows, byte_lengths(tok))}}
+zero_shot["original"]["input_only"] = zero_shot["original"]["input_and_output"]
+for method in progress(method_list, desc="zero-shot", leave=False):
+    lm, tok, ids = make_model(method)
+    windows = zero_shot_windows(tok, zero_shot_text)
+    lengths = byte_lengths(tok)
+    lengths[ids] = torch.tensor([len(s) for s in spelled], dtype=lengths.dtype)  # a repurposed token stands for its name
+    zero_shot[method] = {"input_and_output": bits_per_byte(lm, windows, lengths)}
+    if untie_head(lm):
+        fill_output_rows(lm, vocab_size, ids.to(dev))
+        zero_shot[method]["input_only"] = bits_per_byte(lm, windows, lengths)
+    else:  # untied: fill_output_rows already gave the new tokens the mean output row
+        zero_shot[method]["input_only"] = zero_shot[method]["input_and_output"]
+    zero_shot[method]["new_tokens"] = int(torch.isin(windows, ids).sum())
+    zero_shot[method]["distill_seconds"] = distill_seconds.get(method, 0.0)
+del lm
+base = zero_shot["original"]["input_and_output"]
+print(f"\nzero-shot: bits per byte on the held-out part's first {len(zero_shot_text)} characters, windows of {zero_shot_context} tokens "
+      f"({original_windows.numel()} tokens with the original tokenizer); excess over the original in brackets" +
+      ("" if tied else "; untied, so the new output rows are the mean output row in both columns"))
+print("| rows | new tokens in the text | input and output | input only | seconds of distillation |")
+print("|---|---:|---:|---:|---:|")
+for method, result in zero_shot.items():
+    cells = [f"{result[k]:.4f} ({result[k] - base:+.4f})" for k in ("input_and_output", "input_only")]
+    print(f"| {method} | {result.get('new_tokens', 0)} | " + " | ".join(cells) + f" | {result.get('distill_seconds', 0):.0f} |")
+
+
+new_ids, windows, counts, evaluated = ids, {}, {}, {}
+if steps:
+    windows = {part: text_windows(tok, tok("\n\n".join(part_docs), add_special_tokens=False, verbose=False)["input_ids"], finetune_context)
+               for part, part_docs in parts.items()}
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(windows["train"]), generator=generator)
+    if steps * finetune_batch_size > len(order):
+        raise UserError(f"{steps} steps of {finetune_batch_size} windows need {steps * finetune_batch_size} windows but the training part has {len(order)}; "
+                        f"lower steps or finetune_batch_size, or use a longer text")
+    counts = {part: int(torch.isin(w, new_ids).sum()) for part, w in windows.items()}
+    for part, w in windows.items():
+        holding = torch.isin(w, new_ids).any(1).nonzero()[:, 0]
+        if len(holding) < eval_windows:
+            raise UserError(f"only {len(holding)} windows of the {part.replace('_', '-')} part hold a new token; lower eval_windows or use a text that uses the tokens more")
+        evaluated[part] = w[holding[torch.randperm(len(holding), generator=generator)[:eval_windows]]]
+    print(f"text: {len(docs)} documents; training part {windows['train'].numel()} tokens ({counts['train']} new), "
+          f"held-out part {windows['held_out'].numel()} tokens ({counts['held_out']} new); windows of {finetune_context}")
 
 
 # -----------------------------------------------------------------------------
@@ -241,8 +329,8 @@ def fine_tune(method, setting):
     return curve
 
 
-runs = {setting: {} for setting in settings}
-for setting in settings:
+runs = {setting: {} for setting in settings} if steps else {}
+for setting in runs:
     for method in method_list:
         runs[setting][method] = fine_tune(method, setting)
 
@@ -257,7 +345,7 @@ def reached(setting, part, metric):
 
 
 summary = {}
-for setting in settings:
+for setting in runs:
     print(f"\n{setting}: {steps} steps of {finetune_batch_size} x {finetune_context} tokens; loss on {eval_windows} windows of each part "
           f"(all tokens / where a new token is read or predicted)" + ("; 'reaches mean': first evaluated step at most mean's final loss" if "mean" in method_list else ""))
     columns = ["method"] + [f"{part} {metric}, step {when}" for part in ("train", "held_out") for metric in ("all", "new") for when in (0, steps)]
@@ -287,15 +375,34 @@ report = {
     "tokens": [{"token": t, "name": names[t], "id": int(i), "repurposed": t in repurposed} for t, i in zip(order_of_ids, new_ids.tolist())],
     "encoder": checkpoint_source(encoder, out_dir) if encoder is not None else None,
     "settings": {k: globals()[k] for k in ("steps", "finetune_batch_size", "finetune_context", "finetune_learning_rate", "finetune_learning_rate_all", "finetune_eval_interval",
-                                           "eval_windows", "seed", "methods", "train_params", "new_words", "rows_from", "code_tags")},
+                                           "eval_windows", "zero_shot_chars", "zero_shot_context", "distill_contexts", "distill_before", "distill_after",
+                                           "distill_steps", "distill_batch", "distill_lr", "distill_layers", "seed", "methods", "train_params", "new_words", "rows_from", "code_tags")},
+    "zero_shot": {"characters": len(zero_shot_text), "context": zero_shot_context, "bits_per_byte": zero_shot},
     "runs": runs, "steps_to_mean": summary,
 }
 os.makedirs(out_dir, exist_ok=True)
-json_path, png_path = os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.png")
+json_path, png_path, zero_shot_png = (os.path.join(out_dir, f"{name}{suffix}") for suffix in (".json", ".png", "-zero-shot.png"))
 write_text_file(json_path, json.dumps(report, indent=1))
 
-fig, axes = plt.subplots(len(settings), 4, figsize=(18, 4 * len(settings)), squeeze=False)
-for r, setting in enumerate(settings):
+fig, ax = plt.subplots(figsize=(7, 4))
+excess = {m: r for m, r in zero_shot.items() if m != "original"}
+for k, (column, label) in enumerate((("input_and_output", "input and output"), ("input_only", "input only"))):
+    ax.bar([i + 0.4 * k for i in range(len(excess))], [r[column] - base for r in excess.values()], width=0.4, label=label)
+ax.set_xticks([i + 0.2 for i in range(len(excess))], list(excess))
+ax.axhline(0, color="k", linewidth=0.8)
+ax.set_ylabel("bits per byte over the original")
+ax.set_title(f"{model}: {len(names)} new tokens, zero-shot, held-out text", fontsize=10)
+ax.legend()
+ax.grid(alpha=0.3, axis="y")
+fig.tight_layout()
+atomic_write(zero_shot_png, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+plt.close(fig)
+if not runs:
+    print(f"\nwrote {json_path} and {zero_shot_png}")
+    raise SystemExit
+
+fig, axes = plt.subplots(len(runs), 4, figsize=(18, 4 * len(runs)), squeeze=False)
+for r, setting in enumerate(runs):
     for c, (part, metric) in enumerate((p, m) for m in ("all", "new") for p in ("train", "held_out")):
         ax = axes[r][c]
         for method, curve in runs[setting].items():
@@ -309,4 +416,4 @@ fig.suptitle(f"{model}: fine-tuning with {len(names)} new tokens' rows by each m
 fig.tight_layout()
 atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
 plt.close(fig)
-print(f"\nwrote {json_path} and {png_path}")
+print(f"\nwrote {json_path}, {zero_shot_png} and {png_path}")

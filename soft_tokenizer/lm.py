@@ -406,3 +406,18 @@ def perplexity(lm, windows):
     """exp of the mean next-token loss over windows [N, T] from text_windows (a BOS is never a target)."""
     loss = sum(lm(window[None].to(lm.device), labels=window[None].to(lm.device)).loss.float().item() for window in windows)
     return math.exp(loss / len(windows))
+
+
+@torch.no_grad()
+def bits_per_byte(lm, windows, lengths):
+    """The LM's summed next-token loss over windows [N, T] from text_windows (a window's first
+    token is never a target), in bits, over the bytes the targets spell (lengths: bytes per id,
+    spelling.byte_lengths). Two tokenizers cut one text into different tokens; per byte, not per
+    token, their losses compare."""
+    nats = 0.0
+    for window in windows:  # one at a time: a 262,144-way head makes a window's logits half a GB
+        window = window.to(lm.device)
+        logits = lm(input_ids=window[None]).logits[0, :-1].float()
+        nats += torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum").item()
+    return nats / math.log(2) / lengths[windows[:, 1:]].sum().item()
+

@@ -6,6 +6,7 @@ import json
 import re
 
 import numpy as np
+import torch
 
 from soft_tokenizer.configurator import UserError
 from model import END, PAD, START
@@ -71,6 +72,12 @@ def token_bytes(tokenizer):
         if owner[data] != i:
             flags.add("duplicate")
     return out, kind
+
+
+def byte_lengths(tokenizer):
+    """float64 [len(tokenizer)]: how many bytes of text each id stands for (an added token: its
+    literal text), the denominator of lm.bits_per_byte."""
+    return torch.tensor([len(data) for data, _ in token_bytes(tokenizer)[0]], dtype=torch.float64)
 
 
 def token_piece(data, kind):
