@@ -56,16 +56,17 @@ code_tags = False  # the default text with every doctest example between lines <
 new_words = 300  # add the training part's most frequent words (" word", space included) that the tokenizer splits in pieces
 rows_from = ""  # instead: a JSON file {token: name}; a token the vocabulary has is repurposed, any other added
 methods = "soft,fvt,mean,mean_resizing,random"  # for repurposed tokens: shipped instead of mean_resizing, random; soft+distill (fvt+, mean+): refined by Token Distillation
-# Token Distillation (soft_tokenizer/distill.py) on the training part: places per token, the
-# tokens before and after each, optimizer steps of distill_batch places, Adam's step in units of a
-# typical coordinate of the rows, and the LM layers whose residual stream is matched (0: all)
+# Token Distillation (soft_tokenizer/distill.py, whose defaults these are) on the training part:
+# places per token, the tokens before and after each, optimizer steps of distill_batch places,
+# Adam's step in units of a typical coordinate of the rows, and the LM layers whose residual
+# stream is matched (0: all, six times the cost of 4 on SmolLM2)
 distill_contexts = 8
 distill_before = 24
 distill_after = 8
 distill_steps = 60
 distill_batch = 32
 distill_lr = 0.02
-distill_layers = 0
+distill_layers = 4
 train_params = "new_rows,all"  # new_rows: only the new tokens' rows (input and output) train; all: the whole model
 steps = 20  # optimizer steps per method and setting; 0: the zero-shot table only (20 x 4 x 128 tokens: about 17 minutes for 5 methods x 2 settings on 2 CPU cores)
 finetune_batch_size = 4  # windows per step

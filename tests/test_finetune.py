@@ -143,3 +143,25 @@ def test_token_distillation_finds_the_row_of_a_string_the_lm_reads_as_one_token(
     with pytest.raises(UserError, match="none of the new tokens"):
         distill_rows(lm, tokenizer, [" zorblaxquux"], start[:1], "no such word here")
 
+
+def test_add_refines_the_rows_on_a_text_that_uses_them(tiny_mistral, workdir, tmp_path):
+    """tokens.py add --distill_text: the fvt row, then Token Distillation on the user's text; the
+    other rows stay as shipped. A text that never uses the string is refused before anything is written."""
+    spelled_table = torch.from_numpy(tiny_mistral.embedding)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\n\n".join(f"Every zorblax has {i} legs, and a zorblax of {i} legs is a small zorblax." for i in range(12)))
+    save = workdir / "distilled-mistral"
+    proc = succeeds(run_script("tokens.py", "add", f"--model={tiny_mistral.folder}", "--method=fvt", f"--distill_text={notes}",
+                               f"--save={save}", "--tokens", " zorblax", cwd=workdir, env=ONE_THREAD))
+    assert "refined by Token Distillation" in proc.stdout and "and Token Distillation" in proc.stdout
+    lm, tokenizer = stock_load(save)
+    table = lm.get_input_embeddings().weight.detach()
+    fvt = spelled_table[load_tokenizer(tiny_mistral.folder)(" zorblax", add_special_tokens=False)["input_ids"]].mean(0)
+    assert tokenizer(" zorblax", add_special_tokens=False)["input_ids"] == [32000]
+    assert not torch.allclose(table[32000], fvt, atol=1e-3) and torch.equal(table[:32000], spelled_table)
+    unused = tmp_path / "unused.txt"
+    unused.write_text("a text without the word")
+    fails_with(run_in_process("tokens.py", "add", f"--model={tiny_mistral.folder}", "--method=fvt", f"--distill_text={unused}",
+                              f"--save={workdir / 'never-written'}", "--tokens", " zorblax", cwd=workdir), "none of the new tokens")
+    assert not (workdir / "never-written").exists()
+
