@@ -392,7 +392,7 @@ for k, (column, label) in enumerate((("input_and_output", "input and output"), (
 ax.set_xticks([i + 0.2 for i in range(len(excess))], list(excess))
 ax.axhline(0, color="k", linewidth=0.8)
 ax.set_ylabel("bits per byte over the original")
-ax.set_title(f"{model}: {len(names)} new tokens, zero-shot, held-out text", fontsize=10)
+ax.set_title(f"{model}: {len(names)} new tokens, zero-shot, the held-out part of {os.path.basename(text_file) or 'numpy docs'}", fontsize=10)
 ax.legend()
 ax.grid(alpha=0.3, axis="y")
 fig.tight_layout()
