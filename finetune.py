@@ -7,10 +7,12 @@ a held-out part (every tenth document), for two settings: only the new tokens' r
 the whole model does.
 
 $ python finetune.py --model=smollm2 --out_dir=out-smollm2                  # 300 new words of numpy's docs
+$ python finetune.py --model=smollm2 --steps=0 --methods=fvt,soft,fvt+distill,soft+distill --text_file=notes.txt   # zero-shot only
 $ python finetune.py config/finetune_gemma3_tags.py                          # Gemma's <unused1/2> as code tags
 
 Methods: soft (the encoder's row from the token's name, a checkpoint in out_dir), fvt and mean
-(filling.py), and, for added tokens, what transformers' resize_token_embeddings gives without
+(filling.py), each also refined by Token Distillation on the training part (soft+distill, ...:
+soft_tokenizer/distill.py), and, for added tokens, what transformers' resize_token_embeddings gives without
 help: random (normal, std initializer_range) and mean_resizing (samples around the mean of all
 old rows, after Hewitt 2021); for repurposed tokens, shipped (the rows as the model ships them).
 The tokens: new_words adds the training part's most frequent words that the tokenizer splits
@@ -24,7 +26,8 @@ cut the text into different tokens). "input and output": in a tied LM the method
 both sides, as after tokens.py add; "input only": the new tokens' output rows are the mean of
 the trained output rows whatever the method (in an untied LM always so; tokens.py says why).
 --steps=0 stops there.
-Writes out_dir/NAME.json (every curve, and what it came from) and out_dir/NAME.png.
+Writes out_dir/NAME.json (the zero-shot table, every curve, and what they came from),
+out_dir/NAME-zero-shot.png and out_dir/NAME.png.
 """
 import collections
 import hashlib
