@@ -26,7 +26,7 @@ def test_finetune_compares_every_method_and_trains_only_the_new_rows(tiny_mistra
     out_dir = trained_mistral.out_dir
     proc = succeeds(run_script("finetune.py", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", "--name=ft",
                                "--new_words=4", "--steps=3", "--finetune_batch_size=2", "--finetune_context=32", "--finetune_eval_interval=2",
-                               "--eval_windows=2", "--save_models=True", cwd=workdir, env=ONE_THREAD))
+                               "--eval_windows=2", "--zero_shot_chars=8000", "--zero_shot_context=128", "--save_models=True", cwd=workdir, env=ONE_THREAD))
     report = json.loads((out_dir / "ft.json").read_text())
     assert (out_dir / "ft.png").stat().st_size > 10000 and "reaches mean" in proc.stdout
     assert report["encoder"]["checkpoint_id"] and report["text"]["sha256"] and report["text"]["new_tokens"]["held_out"] > 0
