@@ -11,6 +11,7 @@ The library behind the scripts at the repository root: each module owns one idea
   splice        predicted tables written, read back and spliced into the LM
   untrained     finding the rows an LM never trained
   filling       rows for added, repaired or repurposed tokens
+  distill       Token Distillation: new tokens' rows fitted with the LM itself
 
 The byte encoder itself is model.py at the root, as in nanoGPT.
 """
