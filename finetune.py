@@ -218,12 +218,13 @@ zero_shot_text = first_documents(parts["held_out"])
 lm, tok = load_lm(model, device=dev)
 tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
 original_windows = zero_shot_windows(tok, first_documents(original_parts["held_out"]))
-zero_shot = {"original": {"input_and_output": bits_per_byte(lm, original_windows, byte_lengths(tok))}}
+original_lengths = byte_lengths(tok)  # a Python loop over the vocabulary: once, the added ids come after it
+zero_shot = {"original": {"input_and_output": bits_per_byte(lm, original_windows, original_lengths)}}
 zero_shot["original"]["input_only"] = zero_shot["original"]["input_and_output"]
 for method in progress(method_list, desc="zero-shot", leave=False):
     lm, tok, ids = make_model(method)
     windows = zero_shot_windows(tok, zero_shot_text)
-    lengths = byte_lengths(tok)
+    lengths = torch.cat([original_lengths, original_lengths.new_zeros(len(tok) - len(original_lengths))])
     lengths[ids] = torch.tensor([len(s) for s in spelled], dtype=lengths.dtype)  # a repurposed token stands for its name
     zero_shot[method] = {"input_and_output": bits_per_byte(lm, windows, lengths)}
     if untie_head(lm):
