@@ -89,6 +89,7 @@ if command == "repurpose" and not rows_from:
     raise UserError('repurpose needs --rows_from=FILE.json, e.g. a file holding {"<unused0>": "<python>"}')
 if distill_text and command not in ("add", "repurpose"):
     raise UserError("--distill_text is only for the add and repurpose commands")
+distilling_on = read_text_file(distill_text) if distill_text else ""  # a missing or binary file is refused before the LM loads
 if rows_from and command not in ("add", "repurpose"):
     raise UserError("--rows_from is only for the add and repurpose commands")
 if command != "add" and new_strings:
@@ -212,7 +213,7 @@ def refined(lm, tokenizer, strings, rows):
     must still be as shipped, before any token is added."""
     if not distill_text:
         return rows
-    rows, seconds, losses = distill_rows(lm, tokenizer, strings, rows, read_text_file(distill_text))
+    rows, seconds, losses = distill_rows(lm, tokenizer, strings, rows, distilling_on)
     print(f"refined by Token Distillation on {distill_text} in {seconds:.0f} s: the hidden states' error {losses[0]:.4f} at the first step, {losses[-1]:.4f} at the last")
     return rows
 

@@ -164,4 +164,6 @@ def test_add_refines_the_rows_on_a_text_that_uses_them(tiny_mistral, workdir, tm
     fails_with(run_in_process("tokens.py", "add", f"--model={tiny_mistral.folder}", "--method=fvt", f"--distill_text={unused}",
                               f"--save={workdir / 'never-written'}", "--tokens", " zorblax", cwd=workdir), "none of the new tokens")
     assert not (workdir / "never-written").exists()
+    fails_with(run_in_process("tokens.py", "add", f"--model={tiny_mistral.folder}", "--method=fvt", f"--distill_text={tmp_path / 'missing.txt'}",
+                              f"--save={workdir / 'never-written'}", "--tokens", " zorblax", cwd=workdir), "does not exist")
 
