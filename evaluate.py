@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from soft_tokenizer.configurator import check, configure, pick_device, progress
+from soft_tokenizer.filling import vocabulary_fvt_rows
+from soft_tokenizer.lm import load_tokenizer, resolve_model
 from soft_tokenizer.metrics import closeness, top1_hits
 from model import PAD
 from soft_tokenizer.splice import PREDICTED_FILE, write_predicted_table
@@ -53,7 +55,8 @@ print(f"{data.meta['model']}: table {vocab_size}x{dim}; checkpoint {source['chec
 
 # %% predict the whole table, untrained and duplicate rows included: new tokens are the point.
 # This prediction, as it is, is what test_mistral.py splices in and tokens.py's soft rows are
-predicted = encoder.predict(input_ids, predict_batch_size)
+fvt = vocabulary_fvt_rows(load_tokenizer(resolve_model(model, only_embeddings=True)[0]), table, data.train_ids) if encoder.config.fvt_residual else None
+predicted = encoder.predict(input_ids, predict_batch_size, fvt)
 # argmax over the whole table, chunked; on the device because it is V x V x D work. Rows not
 # scored (top1_rows) are NaN and left out of every group's top-1
 ids = torch.arange(vocab_size)

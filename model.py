@@ -39,6 +39,11 @@ class ByteEncoderConfig:
     # how fast Adam moves it (measured on SmolLM2: 2.06x / 2.43x against 1.50x / 1.72x).
     # 1.0: raw units, as older checkpoints were trained
     row_scale: float = 1.0
+    # the encoder also reads FVT's row for the token (the mean of the rows of the pieces it
+    # splits into without itself: filling.fvt_rows) beside its bytes, and predicts a correction
+    # to it (ZeTT's hypernetwork reads the pieces' rows too): a start no worse than FVT's, from
+    # which the bytes need only learn what the pieces miss
+    fvt_residual: bool = False
 
 
 @dataclass
@@ -165,6 +170,8 @@ class ByteEncoder(nn.Module):
             # the last row is "no n-gram": zero, never trained. Sparse gradients, so that a step
             # costs the rows the batch touched, not the whole table (SparseAdam steps them)
             self.ngram = nn.Embedding(config.ngram_buckets + 1, config.n_embd, padding_idx=config.ngram_buckets, sparse=sparse_ngrams)
+        if config.fvt_residual:
+            self.fvt_in = nn.Linear(config.n_out, config.n_embd, bias=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -192,21 +199,30 @@ class ByteEncoder(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, loss=None, **loss_inputs):
-        """idx: [B, T] byte ids, any T from the longest token up to block_size. Returns the
-        predicted rows [B, n_out] and, with targets (the true rows) and a LossConfig, the loss."""
+    def forward(self, idx, targets=None, loss=None, fvt=None, **loss_inputs):
+        """idx: [B, T] byte ids, any T from the longest token up to block_size; fvt: [B, n_out]
+        FVT's rows for the tokens, which an fvt_residual encoder needs. Returns the predicted
+        rows [B, n_out] and, with targets (the true rows) and a LossConfig, the loss."""
         B, T = idx.shape
+        if self.config.fvt_residual and fvt is None:
+            raise ValueError("this encoder predicts a correction to FVT's rows: pass them as fvt")
         keep = idx != PAD
         pos = torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)
         if self.config.ngram_max:
             x = x + self.ngram_vectors(idx, keep)
+        if self.config.fvt_residual:
+            # in the table's RMS units, as the loss reads rows, so its scale is the same on every LM
+            fvt = fvt.to(x.dtype)
+            x = x + self.fvt_in(fvt / self.config.row_scale)[:, None, :]
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, keep)
         # the state at the [end] position sums up the whole token
         end = keep.sum(1) - 1
         pred = self.head(self.ln_f(x[torch.arange(B, device=idx.device), end]))
+        if self.config.fvt_residual:
+            pred = pred + fvt
         if targets is None:
             return pred, None
         scale = self.config.row_scale
@@ -232,14 +248,17 @@ class ByteEncoder(nn.Module):
         return out
 
     @torch.no_grad()
-    def predict(self, input_ids, batch_size=1024):
-        """Every row of input_ids [N, block] through the encoder, in batches of tokens of similar
-        length trimmed to their longest, so little padding is computed; rows come back in order."""
+    def predict(self, input_ids, batch_size=1024, fvt=None):
+        """Every row of input_ids [N, block] (with fvt [N, n_out], FVT's rows, for an fvt_residual
+        encoder) through the encoder, in batches of tokens of similar length trimmed to their
+        longest, so little padding is computed; rows come back in order."""
         device = next(self.parameters()).device
         order = (input_ids != PAD).sum(1).argsort()
         rows = []
         for start in progress(range(0, len(input_ids), batch_size), desc="predicting", leave=False, disable=len(input_ids) < 16 * batch_size):
-            rows.append(self(trim_padding(input_ids[order[start:start + batch_size]]).to(device))[0].float().cpu())
+            batch = order[start:start + batch_size]
+            batch_fvt = None if fvt is None else fvt[batch.to(fvt.device)].to(device)
+            rows.append(self(trim_padding(input_ids[batch]).to(device), fvt=batch_fvt)[0].float().cpu())
         predicted = torch.empty(len(input_ids), self.config.n_out)
         predicted[order] = torch.cat(rows)
         return predicted

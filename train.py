@@ -18,6 +18,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from soft_tokenizer.configurator import UserError, check, configure, pick_device, progress
+from soft_tokenizer.filling import vocabulary_fvt_rows
+from soft_tokenizer.lm import load_tokenizer, resolve_model
 from soft_tokenizer.metrics import closeness
 from model import PAD, ByteEncoder, ByteEncoderConfig, LossConfig, hub_ids, softmax_negative_ids, trim_padding
 from soft_tokenizer.schedule import batch_order, budget_used, get_lr
@@ -47,6 +49,9 @@ bias = True
 ngram_max = 4  # hashed byte n-grams of 2..ngram_max symbols added at each position (model.py); 0: none
 ngram_buckets = 2**18
 ngram_lr_scale = 30.0  # the n-gram table's learning rate over learning_rate: each of its rows is seen a few times an epoch
+# the encoder also reads FVT's row for each token (the mean of its pieces' rows) and predicts a
+# correction to it (model.py; filling.vocabulary_fvt_rows says which pieces a vocabulary token gets)
+fvt_residual = False
 # batches
 batch_size = 256
 gradient_accumulation_steps = 1
@@ -136,9 +141,11 @@ else:
     checkpoint = None
     model_args = dict(block_size=data.meta["block_size"], n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                       n_out=data.meta["dim"], head_hidden=head_hidden, dropout=dropout, bias=bias,
-                      ngram_max=ngram_max, ngram_buckets=ngram_buckets,
+                      ngram_max=ngram_max, ngram_buckets=ngram_buckets, fvt_residual=fvt_residual,
                       row_scale=data.table[data.train_ids].norm(dim=1).pow(2).mean().sqrt().item())
 encoder = ByteEncoder(ByteEncoderConfig(**model_args)).to(dev)
+fvt = (vocabulary_fvt_rows(load_tokenizer(resolve_model(model, only_embeddings=True)[0]), data.table, data.train_ids).to(dev)
+       if encoder.config.fvt_residual else None)
 optimizers = encoder.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 loss_config = LossConfig(l1_weight, mse_weight, softmax_weight, softmax_temperature)
 # the mean weight over the trained tokens is 1, so the loss keeps its scale
@@ -210,7 +217,7 @@ def evaluate():
     for split, (ids, weights) in eval_sets.items():
         if len(ids) == 0:
             continue
-        pred = raw_encoder.predict(input_ids[ids], batch_size=512).to(dev)
+        pred = raw_encoder.predict(input_ids[ids], batch_size=512, fvt=None if fvt is None else fvt[ids]).to(dev)
         for name, value in closeness(pred, table[ids], mean_row, weights).items():
             stats[f"{split}/{name}"] = value
     raw_encoder.train()
@@ -333,7 +340,8 @@ try:
             # gradients are averaged over processes once, after the last micro-batch
             no_sync = encoder.no_sync() if ddp and micro < len(micro_batches) - 1 else nullcontext()
             with no_sync, autocast:
-                _, loss = encoder(trim_padding(input_ids[ids]) if trim_batches else input_ids[ids], table[ids], loss_config, **loss_inputs(ids, negatives_rng))
+                _, loss = encoder(trim_padding(input_ids[ids]) if trim_batches else input_ids[ids], table[ids], loss_config,
+                                  fvt=None if fvt is None else fvt[ids], **loss_inputs(ids, negatives_rng))
                 loss = loss / len(micro_batches)
             loss.backward()
             loss_sum += loss.item()

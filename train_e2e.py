@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from soft_tokenizer.configurator import UserError, check, configure, pick_device, progress
 from soft_tokenizer.e2e import cut_windows, e2e_loss
+from soft_tokenizer.filling import vocabulary_fvt_rows
 from soft_tokenizer.lm import chat_turns, decoder_layers, load_lm, pick_dtype, training_text
 from soft_tokenizer.storage import (STAGE_FILES, check_lm_table, claim_out_dir, data_identity, load_checkpoint, load_data, load_encoder,
                      read_checkpoint, save_checkpoint)
@@ -112,6 +113,7 @@ if n_chat:
         raise UserError(f"the tokenizer's chat template does not render a user turn and an assistant turn ({e}); run with --e2e_chat_share=0") from None
     chat_windows = cut_windows(tokenizer, chat_ids, e2e_context, e2e_windows, "the training text as chat turns")
 input_ids, table, train_ids = data.input_ids.to(dev), data.table.to(dev), data.train_ids
+fvt = vocabulary_fvt_rows(tokenizer, data.table, train_ids).to(dev) if encoder.config.fvt_residual else None
 # the tokens never trained on (val and test) keep the LM's own rows in a window
 frozen = torch.ones(len(table), dtype=torch.bool, device=dev)
 frozen[train_ids.to(dev)] = False
@@ -167,7 +169,7 @@ try:
         if layers != matching:
             tqdm.write(f"step {steps}: matching the LM's " + (f"residual stream after {layers} layers" if layers else "next-token distributions (KL)"))
             matching = layers
-        loss, match_step, mse = e2e_loss(encoder, lm, batch.to(dev), input_ids, table, frozen, anchors.to(dev), mse_weight, layers)
+        loss, match_step, mse = e2e_loss(encoder, lm, batch.to(dev), input_ids, table, frozen, anchors.to(dev), mse_weight, layers, fvt)
         if not torch.isfinite(loss):
             raise UserError(f"the loss became {loss.item()} at step {steps}; {path} keeps its last save, lower e2e_learning_rate")
         loss.backward()

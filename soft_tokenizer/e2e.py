@@ -23,7 +23,7 @@ def cut_windows(tokenizer, ids, context, needed, what):
     return windows
 
 
-def e2e_loss(encoder, lm, windows, input_ids, table, frozen, anchors, mse_weight, hidden_layers=0):
+def e2e_loss(encoder, lm, windows, input_ids, table, frozen, anchors, mse_weight, hidden_layers=0, fvt=None):
     """(loss, match, mse) of one step on windows [W, T] of token ids. The LM reads the encoder's
     rows for the windows' tokens, except those marked `frozen` (bool [V]: the tokens never
     trained on), which keep the LM's own rows: they are context, never targets, so they stay
@@ -32,10 +32,12 @@ def e2e_loss(encoder, lm, windows, input_ids, table, frozen, anchors, mse_weight
     of |h - h_own|^2 / |h_own|^2, h the residual stream after the first k layers (relative, since
     a position's norm varies by orders of magnitude along a window). mse: the encoder's rows
     for the `anchors` ids against their true rows. Gradients reach the encoder only. The rows
-    go in scaled as the LM scales its own (lm.embed_rows)."""
+    go in scaled as the LM scales its own (lm.embed_rows). fvt: [V, D] FVT's rows
+    (filling.vocabulary_fvt_rows), for an encoder that reads them."""
     embed = lm.get_input_embeddings()
     tokens, where = windows.unique(return_inverse=True)
-    rows, _ = encoder(trim_padding(input_ids[torch.cat([tokens, anchors])]))
+    ids = torch.cat([tokens, anchors])
+    rows, _ = encoder(trim_padding(input_ids[ids]), fvt=None if fvt is None else fvt[ids])
     # in the units train.py's loss uses (the table's RMS row norm), so mse_weight means the same in both
     scale = encoder.config.row_scale
     mse = F.mse_loss(rows[len(tokens):].float() / scale, table[anchors] / scale) if len(anchors) else torch.zeros((), device=rows.device)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from soft_tokenizer.configurator import UserError, progress
-from soft_tokenizer.spelling import encode_bytes, token_piece, tokenizer_kind, untrained_rows
+from soft_tokenizer.spelling import encode_bytes, token_bytes, token_piece, tokenizer_kind, untrained_rows
 from soft_tokenizer.storage import load_encoder
 
 METHODS = ("mean", "fvt", "soft")
@@ -59,14 +59,39 @@ def fvt_rows(byte_strings, table, known, tokenizer):
     return torch.stack(rows)
 
 
-def soft_rows(byte_strings, checkpoint):
-    """The encoder's predictions, as evaluate.py writes them for the splice."""
+def vocabulary_fvt_rows(tokenizer, table, train_ids, seed=0):
+    """[V, D] FVT's row for every token of the vocabulary, which an fvt_residual encoder reads
+    beside the bytes (train.py, train_e2e.py and evaluate.py make the same ones). A token must
+    not be its own piece, and a token trained on must not lend its row to one held out: the
+    tokens never trained on are split with the training tokens alone, as a new token is, and the
+    training tokens in two halves drawn by `seed`, each split with the other half and the
+    single characters (which no split can do without; one is its own only piece, so it gets the
+    mean row). Without half the vocabulary a token falls into more pieces than it would with
+    all of it, as the long new words people add do."""
+    spelled = [data for data, _ in token_bytes(tokenizer)[0]]
+    trained = torch.zeros(len(table), dtype=torch.bool)
+    trained[train_ids] = True
+    character = torch.tensor([len(data.decode("utf-8", errors="replace")) == 1 for data in spelled])
+    alphabet = trained & character
+    half = torch.rand(len(table), generator=torch.Generator().manual_seed(seed)) < 0.5
+    rows = table[trained].mean(0).expand(len(table), -1).clone()
+    for group, pieces_from in ((~trained, trained), (trained & ~character & half, alphabet | (trained & ~half)),
+                               (trained & ~character & ~half, alphabet | (trained & half))):
+        ids = group.nonzero()[:, 0]
+        if len(ids):
+            rows[ids] = fvt_rows([spelled[i] for i in ids.tolist()], table, pieces_from, tokenizer)
+    return rows
+
+
+def soft_rows(byte_strings, checkpoint, fvt=None):
+    """The encoder's predictions, as evaluate.py writes them for the splice (fvt: FVT's rows for
+    the strings, which an fvt_residual encoder reads)."""
     block_size = checkpoint["model_args"]["block_size"]
     longest = max(byte_strings, key=len)
     if len(longest) + 2 > block_size:
         raise UserError(f"{longest.decode('utf-8', errors='replace')!r} is {len(longest)} bytes but the encoder reads at most {block_size - 2}; "
                         f"use a shorter string or --method=fvt")
-    return load_encoder(checkpoint).predict(torch.from_numpy(encode_bytes(byte_strings, block_size).astype(np.int64)))
+    return load_encoder(checkpoint).predict(torch.from_numpy(encode_bytes(byte_strings, block_size).astype(np.int64)), fvt=fvt)
 
 
 def new_rows(method, byte_strings, table, known, tokenizer, checkpoint):
@@ -76,7 +101,8 @@ def new_rows(method, byte_strings, table, known, tokenizer, checkpoint):
         return table[known].mean(0).expand(len(byte_strings), -1).clone()
     if method == "fvt":
         return fvt_rows(byte_strings, table, known, tokenizer)
-    return soft_rows(byte_strings, checkpoint)
+    reads_fvt = checkpoint["model_args"].get("fvt_residual", False)
+    return soft_rows(byte_strings, checkpoint, fvt_rows(byte_strings, table, known, tokenizer) if reads_fvt else None)
 
 
 def read_names(path):

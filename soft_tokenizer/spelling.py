@@ -14,7 +14,7 @@ from model import END, PAD, START
 
 def _bytelevel_decoder():
     """GPT-2's table: every byte is shown as a printable unicode character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -23,6 +23,10 @@ def _bytelevel_decoder():
             chars[chr(256 + extra)] = b
             extra += 1
     return chars
+
+
+BYTELEVEL_BYTE = _bytelevel_decoder()  # character -> byte
+BYTELEVEL_CHAR = {b: c for c, b in BYTELEVEL_BYTE.items()}  # byte -> character
 
 
 def tokenizer_kind(tokenizer):
@@ -47,7 +51,6 @@ def token_bytes(tokenizer):
     vocab_size = len(tokenizer)
     pieces = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
     added = {i for i in tokenizer.added_tokens_decoder} | set(tokenizer.all_special_ids)
-    bytelevel = _bytelevel_decoder()
     out = []
     for i, piece in enumerate(pieces):
         flags = set()
@@ -59,7 +62,7 @@ def token_bytes(tokenizer):
             data = piece.replace("\u2581", " ").encode("utf-8")
         else:
             try:
-                data = bytes(bytelevel[c] for c in piece)
+                data = bytes(BYTELEVEL_BYTE[c] for c in piece)
             except KeyError:
                 raise UserError(f"token {i} ({piece!r}) has a character outside the byte-level table; the tokenizer is not plain byte-level BPE") from None
         out.append((data, flags))
@@ -84,8 +87,7 @@ def token_piece(data, kind):
     """The other way round for a normal token: the string a BPE model of this kind works on for
     these bytes (GPT-2 characters, or ▁ for space); None if SentencePiece bytes are not text."""
     if kind == "bytelevel":
-        chars = {b: c for c, b in _bytelevel_decoder().items()}
-        return "".join(chars[b] for b in data)
+        return "".join(BYTELEVEL_CHAR[b] for b in data)
     try:
         return data.decode("utf-8").replace(" ", "\u2581")
     except UnicodeDecodeError:
