@@ -185,6 +185,10 @@ class ByteEncoder(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.fvt_residual:
+            # no correction at the start: the first prediction is FVT's row itself, not FVT's row plus noise larger than a row
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
