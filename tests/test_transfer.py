@@ -1,9 +1,10 @@
 """
 transfer.py gives the tiny Mistral (untied, Mistral-7B's real SentencePiece tokenizer) the
-real SmolLM2 tokenizer (byte-level BPE): the folder it writes loads in stock transformers,
-encodes as SmolLM2's tokenizer does, generates, keeps the LM's own input and output rows bit
-for bit for every token whose bytes the LM has, gives the others the mean output row, and the
-table it prints is the one in its JSON.
+real SmolLM2 tokenizer (byte-level BPE), and adapts the rows it makes through the LM's loss:
+the folder it writes loads in stock transformers, encodes as SmolLM2's tokenizer does,
+generates, keeps the LM's own input and output rows bit for bit for every token whose bytes
+the LM has (adaptation included), gives the others the mean output row, and the table it
+prints is the one in its JSON.
 """
 import json
 import math
@@ -18,7 +19,8 @@ def test_transfer_writes_a_folder_with_the_new_tokenizer_and_the_lms_shared_rows
     saved, out_dir = tmp_path / "tiny-with-smollm2", trained_mistral.out_dir
     model = f"--model={tiny_mistral.folder}"
     proc = succeeds(run_in_process("transfer.py", model, f"--out_dir={out_dir}", "--tokenizer=smollm2", "--methods=soft",
-                                   "--eval_chars=3000", "--context=64", f"--save={saved}", "--name=transfer-test", cwd=workdir))
+                                   "--eval_chars=3000", "--context=64", f"--save={saved}", "--name=transfer-test",
+                                   "--adapt_seconds=3", "--adapt_context=32", "--adapt_refresh_seconds=1", cwd=workdir))
     lm, tokenizer = stock_load(saved)
     text = "def transfer(tokens):\n    return {t: 'é東京' for t in tokens}"
     assert tokenizer(text)["input_ids"] == smollm2_tokenizer(text)["input_ids"]
@@ -42,10 +44,12 @@ def test_transfer_writes_a_folder_with_the_new_tokenizer_and_the_lms_shared_rows
     assert torch.equal(head[lacking], head[lacking][:1].expand(int(lacking.sum()), -1))  # one row for all: the mean output row
     report = json.loads((out_dir / "transfer-test.json").read_text())
     assert report["made"] == int(lacking.sum())
+    assert report["adapted"]["steps"] > 0 and report["methods"] == ["soft", "soft+adapted"]
     for text_name, result in report["bits_per_byte"].items():
-        assert math.isfinite(result["original"]) and math.isfinite(result["soft"]) and result["soft"] > 0
+        assert all(math.isfinite(result[k]) and result[k] > 0 for k in ("original", "soft", "soft+adapted"))
+        assert result["soft+adapted"] != result["soft"]  # the adapted rows are the ones the LM reads at the end
         row = next(line for line in proc.stdout.splitlines() if line.startswith(f"| {text_name} |"))
-        assert f"{result['soft']:.4f}" in row and f"{result['original']:.4f}" in row
+        assert all(f"{result[k]:.4f}" in row for k in ("original", "soft", "soft+adapted"))
     assert (out_dir / "transfer-test.png").read_bytes()[:4] == b"\x89PNG"
     fails_with(run_in_process("transfer.py", model, f"--out_dir={out_dir}", "--methods=soft,fvt", f"--save={tmp_path / 'two'}", cwd=workdir),
                "--save writes one model")
