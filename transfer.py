@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from model import trim_padding
 from soft_tokenizer.configurator import UserError, check, configure, pick_device, progress
 from soft_tokenizer.filling import METHODS, fvt_rows, new_rows
-from soft_tokenizer.lm import (bits_per_byte, bos_id, embed_rows, evaluation_texts, load_lm, load_tokenizer, read_text_file, resolve_model,
+from soft_tokenizer.lm import (EMBEDDED, bits_per_byte, bos_id, embed_rows, evaluation_texts, load_lm, load_tokenizer, read_text_file, resolve_model,
                                text_windows, training_text)
 from soft_tokenizer.spelling import byte_lengths, encode_bytes, token_bytes, untrained_rows
 from soft_tokenizer.storage import (atomic_write, check_lm_table, check_writable, checkpoint_source, load_checkpoint, load_data,
@@ -88,7 +88,10 @@ dev = pick_device(device)
 data = load_data(model)
 lm_folder, _ = resolve_model(model)
 own = load_tokenizer(lm_folder)
-new = load_tokenizer(resolve_model(tokenizer)[0] if tokenizer in ("smollm2", "gemma3") or os.path.isdir(tokenizer) else tokenizer)
+try:
+    new = load_tokenizer(resolve_model(tokenizer)[0] if tokenizer in EMBEDDED else tokenizer)
+except (OSError, ValueError) as e:
+    raise UserError(f"no tokenizer found at {tokenizer!r} ({type(e).__name__}); pass a folder with tokenizer files, a hub id, smollm2 or gemma3") from None
 table, vocab_size = data.table, data.meta["vocab_size"]
 known = ~untrained_in(data)
 own_tokens, _ = token_bytes(own)

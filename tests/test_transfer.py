@@ -54,6 +54,7 @@ def test_transfer_writes_a_folder_with_the_new_tokenizer_and_the_lms_shared_rows
     fails_with(run_in_process("transfer.py", model, f"--out_dir={out_dir}", "--methods=soft,fvt", f"--save={tmp_path / 'two'}", cwd=workdir),
                "--save writes one model")
     assert not (tmp_path / "two").exists()
+    fails_with(run_in_process("transfer.py", model, f"--out_dir={out_dir}", f"--tokenizer={tmp_path / 'nowhere'}", cwd=workdir), "no tokenizer found")
 
 
 def tokenizer_of(tiny):
