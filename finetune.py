@@ -9,6 +9,7 @@ the whole model does.
 $ python finetune.py --model=smollm2 --out_dir=out-smollm2                  # 300 new words of numpy's docs
 $ python finetune.py --model=smollm2 --steps=0 --methods=fvt,soft,fvt+distill,soft+distill --text_file=notes.txt   # zero-shot only
 $ python finetune.py config/finetune_gemma3_tags.py                          # Gemma's <unused1/2> as code tags
+$ python finetune.py --steps=0 --selection=True --held_out_every=4 --new_words=150   # choose on the selection text
 
 Methods: soft (the encoder's row from the token's name, a checkpoint in out_dir), fvt and mean
 (filling.py), each also refined by Token Distillation on the training part (soft+distill, ...:
@@ -46,7 +47,7 @@ from tqdm import tqdm
 from soft_tokenizer.configurator import UserError, check, configure, pick_device, progress
 from soft_tokenizer.distill import distill_rows
 from soft_tokenizer.filling import add_tokens, fill_output_rows, new_rows, read_names, set_rows
-from soft_tokenizer.lm import bits_per_byte, finetune_text, load_lm, load_tokenizer, read_text_file, resolve_model, text_windows, untie_head
+from soft_tokenizer.lm import bits_per_byte, finetune_text, load_lm, load_tokenizer, read_text_file, resolve_model, selection_text, text_windows, untie_head
 from soft_tokenizer.spelling import byte_lengths, tokenizer_kind, vocab_id
 from soft_tokenizer.storage import atomic_write, check_lm_table, checkpoint_source, load_checkpoint, load_data, save_model_folder, untrained_in, write_text_file
 
@@ -55,6 +56,9 @@ out_dir = "out-smollm2"  # the encoder checkpoint soft reads; NAME.json and NAME
 checkpoint = "auto"  # regression, e2e, or auto: the last stage that ran
 name = "finetune"  # out_dir/NAME.json and out_dir/NAME.png
 text_file = ""  # UTF-8 text, documents separated by blank lines; empty: numpy's documentation (lm.finetune_text)
+# instead: the selection text (lm.selection_text, which README never reports), to choose a
+# setting or an encoder on; it is short: pass --held_out_every=4 --new_words=150 (Gemma: 120)
+selection = False
 code_tags = False  # the default text with every doctest example between lines <code> and </code>
 new_words = 300  # add the training part's most frequent words (" word", space included) that the tokenizer splits in pieces
 rows_from = ""  # instead: a JSON file {token: name}; a token the vocabulary has is repurposed, any other added
@@ -131,7 +135,12 @@ def frequent_words(docs, tokenizer, kind, count):
     return chosen
 
 
-docs = [d for d in re.split(r"\n\s*\n", read_text_file(text_file)) if d.strip()] if text_file else finetune_text(code_tags)
+if selection and (text_file or code_tags):
+    raise UserError("selection=True is a text of its own: leave out text_file and code_tags")
+if selection:
+    docs = [d for d in re.split(r"\n\s*\n", next(iter(selection_text().values()))) if d.strip()]
+else:
+    docs = [d for d in re.split(r"\n\s*\n", read_text_file(text_file)) if d.strip()] if text_file else finetune_text(code_tags)
 if len(docs) < held_out_every:
     raise UserError(f"the text has {len(docs)} documents (separated by blank lines); a held-out part needs at least held_out_every={held_out_every}")
 parts = {"train": [d for i, d in enumerate(docs) if (i + 1) % held_out_every],
@@ -375,7 +384,7 @@ for setting in runs:
 text_hash = hashlib.sha256("\n\n".join(docs).encode("utf-8")).hexdigest()
 report = {
     "model": model, "revision": revision, "table_sha256": data.meta["table_sha256"],
-    "text": {"source": text_file or f"lm.finetune_text(code_tags={code_tags})", "sha256": text_hash, "documents": len(docs),
+    "text": {"source": "lm.selection_text()" if selection else text_file or f"lm.finetune_text(code_tags={code_tags})", "sha256": text_hash, "documents": len(docs),
              "held_out_every": held_out_every, "tokens": {part: w.numel() for part, w in windows.items()}, "new_tokens": counts},
     "tokens": [{"token": t, "name": names[t], "id": int(i), "repurposed": t in repurposed} for t, i in zip(order_of_ids, new_ids.tolist())],
     "encoder": checkpoint_source(encoder, out_dir) if encoder is not None else None,
@@ -396,7 +405,7 @@ for k, (column, label) in enumerate((("input_and_output", "input and output"), (
 ax.set_xticks([i + 0.2 for i in range(len(excess))], list(excess))
 ax.axhline(0, color="k", linewidth=0.8)
 ax.set_ylabel("bits per byte over the original")
-ax.set_title(f"{model}: {len(names)} new tokens, zero-shot, the held-out part of {os.path.basename(text_file) or 'numpy docs'}", fontsize=10)
+ax.set_title(f"{model}: {len(names)} new tokens, zero-shot, the held-out part of {'the selection text' if selection else os.path.basename(text_file) or 'numpy docs'}", fontsize=10)
 ax.legend()
 ax.grid(alpha=0.3, axis="y")
 fig.tight_layout()

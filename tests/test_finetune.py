@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from soft_tokenizer.configurator import UserError
 from soft_tokenizer.distill import distill_rows
 from soft_tokenizer.filling import read_names
-from soft_tokenizer.lm import bits_per_byte, finetune_text, load_lm, load_tokenizer, text_windows
+from soft_tokenizer.lm import bits_per_byte, finetune_text, load_lm, load_tokenizer, selection_text, text_windows
 from soft_tokenizer.spelling import byte_lengths
 from helpers import ONE_THREAD, fails_with, run_in_process, run_script, stock_load, succeeds
 
@@ -73,6 +73,20 @@ def test_finetune_compares_every_method_and_trains_only_the_new_rows(tiny_mistra
     # a second run that would save its models over the first's is refused before it trains
     fails_with(run_in_process("finetune.py", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", "--name=ft", "--save_models=True",
                           cwd=workdir), "already exists")
+
+
+def test_the_selection_text_chooses_new_words_of_its_own(tiny_mistral, trained_mistral, workdir):
+    """finetune.py --selection=True: the zero-shot table on the selection text, which no report uses."""
+    out_dir = trained_mistral.out_dir
+    succeeds(run_in_process("finetune.py", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", "--name=ft-selection", "--selection=True",
+                            "--steps=0", "--methods=mean,fvt", "--held_out_every=4", "--new_words=4", "--zero_shot_chars=12000",
+                            "--zero_shot_context=128", cwd=workdir))
+    report = json.loads((out_dir / "ft-selection.json").read_text())
+    text = next(iter(selection_text().values()))
+    assert report["text"]["source"] == "lm.selection_text()" and all(t["token"] in text for t in report["tokens"])
+    assert report["zero_shot"]["bits_per_byte"]["fvt"]["new_tokens"] > 0
+    fails_with(run_in_process("finetune.py", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", "--selection=True", "--code_tags=True",
+                              cwd=workdir), "selection=True is a text of its own")
 
 
 def test_repurpose_and_add_make_rows_from_a_name(tiny_mistral, workdir, tmp_path):

@@ -19,8 +19,8 @@ def test_transfer_writes_a_folder_with_the_new_tokenizer_and_the_lms_shared_rows
     saved, out_dir = tmp_path / "tiny-with-smollm2", trained_mistral.out_dir
     model = f"--model={tiny_mistral.folder}"
     proc = succeeds(run_in_process("transfer.py", model, f"--out_dir={out_dir}", "--tokenizer=smollm2", "--methods=soft",
-                                   "--eval_chars=3000", "--context=64", f"--save={saved}", "--name=transfer-test",
-                                   "--adapt_seconds=3", "--adapt_context=32", "--adapt_refresh_seconds=1", cwd=workdir))
+                                   "--eval_chars=2000", "--context=64", f"--save={saved}", "--name=transfer-test",
+                                   "--adapt_seconds=2", "--adapt_context=32", "--adapt_refresh_seconds=1", cwd=workdir))
     lm, tokenizer = stock_load(saved)
     text = "def transfer(tokens):\n    return {t: 'é東京' for t in tokens}"
     assert tokenizer(text)["input_ids"] == smollm2_tokenizer(text)["input_ids"]
