@@ -97,8 +97,8 @@ known = ~untrained_in(data)
 own_tokens, _ = token_bytes(own)
 # the LM's row for a string of bytes: its normal tokens' (one per string, the one its tokenizer
 # produces), then its special tokens' by literal, then by role
-by_bytes = {data_: i for i, (data_, flags) in enumerate(own_tokens) if known[i] and not flags & {"special", "duplicate"}}
-own_specials = {data_: i for i, (data_, flags) in enumerate(own_tokens) if known[i] and "special" in flags}
+by_bytes = {spelling: i for i, (spelling, flags) in enumerate(own_tokens) if known[i] and not flags & {"special", "duplicate"}}
+own_specials = {spelling: i for i, (spelling, flags) in enumerate(own_tokens) if known[i] and "special" in flags}
 roles = ("bos_token_id", "eos_token_id", "pad_token_id")
 role_rows = {role: getattr(own, role) for role in roles[1:] if getattr(own, role) is not None and known[getattr(own, role)]}
 if bos_id(own) is not None:
@@ -107,11 +107,8 @@ elif "eos_token_id" in role_rows:
     role_rows["bos_token_id"] = role_rows["eos_token_id"]  # an LM without BOS saw its EOS before each text
 new_tokens, _ = token_bytes(new)
 source = torch.full((len(new_tokens),), -1)  # the LM's id whose rows a token of T takes; -1: made by the method
-for i, (data_, flags) in enumerate(new_tokens):
-    if "special" in flags:
-        source[i] = own_specials.get(data_, -1)
-    else:
-        source[i] = by_bytes.get(data_, -1)
+for i, (spelling, flags) in enumerate(new_tokens):
+    source[i] = (own_specials if "special" in flags else by_bytes).get(spelling, -1)
 for role in roles:
     # a BOS only where T puts one before every text (SmolLM2's bos_token is a chat marker it never puts there)
     if getattr(new, role) is not None and role in role_rows and (role != "bos_token_id" or bos_id(new) is not None):
@@ -135,7 +132,8 @@ def made_rows(method):
     if (~readable).any():
         print(f"soft: {int((~readable).sum())} tokens are longer than the encoder's {encoder['model_args']['block_size'] - 2} bytes (or empty) and get fvt's row")
         rows[~readable] = new_rows("fvt", [s for s, r in zip(made_spelled, readable) if not r], table, known, own, None)
-    rows[readable] = new_rows("soft", [s for s, r in zip(made_spelled, readable) if r], table, known, own, encoder)
+    if readable.any():
+        rows[readable] = new_rows("soft", [s for s, r in zip(made_spelled, readable) if r], table, known, own, encoder)
     return rows
 
 
@@ -171,6 +169,8 @@ def adapt(lm):
     among the rows last predicted for all the others), and the LM's next-token loss on the
     windows trains it. Leaves every made row predicted by the trained encoder in the LM.
     Returns (steps, seconds, the last step's loss in nats)."""
+    if not readable.any():
+        raise UserError("the LM has every token of the new tokenizer that the encoder can read, so there is nothing to adapt; set adapt_seconds=0")
     trainee = load_encoder(encoder, dev).train()
     lm.requires_grad_(False)
     embed, head = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
@@ -288,7 +288,7 @@ for k, method in enumerate(columns):
     ax.bar([t + k * width for t in range(len(results))], [r[method] - r["original"] for r in results.values()], width, label=method)
 ax.set_xticks([t + 0.4 - width / 2 for t in range(len(results))], [t[:40] for t in results], fontsize=7)
 ax.set_ylabel("bits per byte over the original")
-ax.set_title(f"{model} reading the tokenizer of {tokenizer}, zero-shot", fontsize=9)
+ax.set_title(f"{model} reading the tokenizer of {os.path.basename(tokenizer.rstrip('/'))}, zero-shot", fontsize=9)
 ax.legend()
 fig.tight_layout()
 json_path, png_path = os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.png")
