@@ -11,33 +11,25 @@ tokenizer on the same characters (per byte, since the two cut the text into diff
 
 $ python transfer.py --model=smollm2 --out_dir=out-smollm2 --tokenizer=gemma3             # the table
 $ python transfer.py --model=smollm2 --tokenizer=path/to/tokenizer_folder --text_file=notes.txt
-$ python transfer.py --model=smollm2 --tokenizer=gemma3 --methods=soft --adapt_seconds=600 --save=smollm2-gemma-tokenizer
+$ python transfer.py --model=smollm2 --tokenizer=gemma3 --methods=soft --save=smollm2-gemma-tokenizer
 
-With --adapt_seconds, soft's rows are then adapted: the encoder trains through the frozen LM
-reading text in T's tokenization, and the table gets a column soft+adapted.
 Writes out_dir/NAME.json (the table and what it came from) and out_dir/NAME.png; with --save
-and one method, the LM with the new tokenizer (adapted, if it was) as a folder stock
-transformers loads.
+and one method, the LM with the new tokenizer as a folder stock transformers loads.
 """
 import json
 import os
-import time
 
 import matplotlib
 matplotlib.use("Agg")  # plots go to PNG files; no display needed
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from model import trim_padding
 from soft_tokenizer.configurator import UserError, check, configure, pick_device, progress
-from soft_tokenizer.filling import METHODS, fvt_rows, new_rows
-from soft_tokenizer.lm import (EMBEDDED, bits_per_byte, bos_id, embed_rows, evaluation_texts, load_lm, load_tokenizer, read_text_file, resolve_model,
-                               text_windows, training_text)
-from soft_tokenizer.spelling import byte_lengths, encode_bytes, token_bytes, untrained_rows
+from soft_tokenizer.filling import METHODS, new_rows
+from soft_tokenizer.lm import EMBEDDED, bits_per_byte, bos_id, evaluation_texts, load_lm, load_tokenizer, read_text_file, resolve_model, text_windows
+from soft_tokenizer.spelling import byte_lengths, token_bytes, untrained_rows
 from soft_tokenizer.storage import (atomic_write, check_lm_table, check_writable, checkpoint_source, load_checkpoint, load_data,
-                                    load_encoder, save_model_folder, untrained_in)
+                                    save_model_folder, untrained_in)
 
 model = "smollm2"  # the LM: hub id, local folder, or "smollm2"; its data must be prepared (prepare_mistral_data.py)
 out_dir = "out-smollm2"  # the encoder checkpoint soft reads; NAME.json and NAME.png are written here
@@ -49,31 +41,13 @@ text_file = ""  # a further UTF-8 text to measure on, beside the two evaluation 
 eval_chars = 20000  # each text's first this many characters are measured (about 30 s a method and text for SmolLM2 on 2 CPU cores)
 context = 512  # tokens per window, each led by the tokenizer's BOS where it has one
 name = "transfer"  # out_dir/NAME.json and out_dir/NAME.png
-# with soft: afterwards train the encoder this many seconds (the LM frozen) through the LM's own
-# loss on text in T's tokenization (the training text and the LM's own sampled text, never the
-# texts measured), then measure again as soft+adapted; 0: zero-shot only
-adapt_seconds = 0.0
-adapt_context = 128  # tokens per window of the adaptation text
-adapt_windows = 4  # windows per step
-adapt_learning_rate = 1e-4
-adapt_ngram_lr_scale = 30.0  # the n-gram table's learning rate over adapt_learning_rate, as in train_e2e.py
-adapt_refresh_seconds = 60.0  # every made row is predicted again this often: a tied LM's head holds them all, and a step predicts only its own
-seed = 0
 device = "auto"  # auto: cuda, else cpu (never mps: configurator.pick_device)
 configure(globals())
 check(globals(), "eval_chars", 1)
 check(globals(), "context", 2)
-check(globals(), "adapt_seconds", 0)
-check(globals(), "adapt_context", 2)
-check(globals(), "adapt_windows", 1)
-check(globals(), "adapt_learning_rate", 0, low_open=True)
-check(globals(), "adapt_ngram_lr_scale", 0)
-check(globals(), "adapt_refresh_seconds", 0, low_open=True)
 method_list = [m for m in methods.split(",") if m]
 if not method_list or set(method_list) - set(METHODS) or len(set(method_list)) != len(method_list):
     raise UserError(f"methods={methods!r}: give distinct names from {', '.join(METHODS)}, separated by commas")
-if adapt_seconds and "soft" not in method_list:
-    raise UserError("adapt_seconds trains the byte encoder, which only soft uses: add soft to methods or set adapt_seconds=0")
 if save and len(method_list) != 1:
     raise UserError(f"--save writes one model: pass one method with it, e.g. --methods={method_list[0]}")
 if save and os.path.exists(save):
@@ -163,75 +137,6 @@ def transferred_lm(method):
     return lm.eval()
 
 
-def adapt(lm):
-    """Train the encoder through the frozen LM reading T: each step the encoder predicts the rows
-    of the window's tokens it makes, which the LM reads (and, tied, also scores as next tokens,
-    among the rows last predicted for all the others), and the LM's next-token loss on the
-    windows trains it. Leaves every made row predicted by the trained encoder in the LM.
-    Returns (steps, seconds, the last step's loss in nats)."""
-    if not readable.any():
-        raise UserError("the LM has every token of the new tokenizer that the encoder can read, so there is nothing to adapt; set adapt_seconds=0")
-    trainee = load_encoder(encoder, dev).train()
-    lm.requires_grad_(False)
-    embed, head = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
-    learned = made[readable]
-    spelled = [s for s, r in zip(made_spelled, readable) if r]
-    learned_bytes = torch.from_numpy(encode_bytes(spelled, encoder["model_args"]["block_size"]).astype(np.int64))
-    learned_fvt = fvt_rows(spelled, table, known, own).to(dev) if trainee.config.fvt_residual else None
-    position = torch.full((len(new_tokens),), -1)
-    position[learned] = torch.arange(len(learned))
-    text = training_text() + "\n\n" + "\n\n".join(own.batch_decode(data.sample_ids))
-    windows = text_windows(new, new(text, add_special_tokens=False, verbose=False)["input_ids"], adapt_context)
-    dense = [p for p_name, p in trainee.named_parameters() if not p_name.startswith("ngram.")]
-    optimizers = [torch.optim.AdamW(dense, lr=adapt_learning_rate, weight_decay=0.0)]
-    if trainee.config.ngram_max and adapt_ngram_lr_scale:
-        optimizers.append(torch.optim.SparseAdam([trainee.ngram.weight], lr=adapt_learning_rate * adapt_ngram_lr_scale))
-    cap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
-    generator = torch.Generator().manual_seed(seed)
-
-    def predict_all():
-        trainee.eval()
-        with torch.no_grad():
-            embed[learned.to(dev)] = trainee.predict(learned_bytes, fvt=learned_fvt).to(dev, embed.dtype)
-        trainee.train()
-
-    steps, seconds, next_refresh, loss = 0, 0.0, adapt_refresh_seconds, None
-    bar = progress(total=round(adapt_seconds), unit="s", desc="adapting")
-    while seconds < adapt_seconds:
-        started = time.time()
-        batch = windows[torch.randint(0, len(windows), (adapt_windows,), generator=generator)]
-        tokens, where = batch.unique(return_inverse=True)
-        at = position[tokens]
-        ours = (at >= 0).nonzero()[:, 0]
-        rows, out_rows = embed.detach()[tokens.to(dev)], head.detach()
-        if len(ours):
-            predicted, _ = trainee(trim_padding(learned_bytes[at[ours]]).to(dev), fvt=None if learned_fvt is None else learned_fvt[at[ours].to(dev)])
-            rows = rows.index_put((ours.to(dev),), predicted.to(rows.dtype))
-            if head is embed:  # tied: the same rows are the next-token candidates
-                out_rows = out_rows.index_put((tokens[ours].to(dev),), predicted.to(out_rows.dtype))
-        hidden = lm.get_decoder()(inputs_embeds=embed_rows(lm, rows[where.to(dev)])).last_hidden_state
-        logits = F.linear(hidden[:, :-1], out_rows).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1).to(dev))
-        if not torch.isfinite(loss):
-            raise UserError(f"the adaptation loss became {loss.item()} at step {steps}; lower adapt_learning_rate")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dense, 1.0)
-        for optimizer in optimizers:
-            optimizer.step()
-        trainee.zero_grad(set_to_none=True)
-        steps, seconds = steps + 1, seconds + time.time() - started
-        bar.update(min(round(seconds), bar.total) - bar.n)
-        bar.set_postfix(loss=f"{loss.item():.3f}", s_per_step=f"{seconds / steps:.2f}", refresh=False)
-        if seconds >= next_refresh:
-            predict_all()
-            next_refresh += adapt_refresh_seconds
-    bar.close()
-    predict_all()
-    return steps, seconds, loss.item()
-
-
 # -----------------------------------------------------------------------------
 # bits per byte, the LM with its own tokenizer against the LM with T
 
@@ -255,36 +160,28 @@ lm, _ = load_lm(model, device=dev)
 own_lengths, new_lengths = byte_lengths(own), byte_lengths(new)
 results = {text_name: {"original": bits_per_byte(lm, windows_of(own, text), own_lengths)} for text_name, text in texts.items()}
 del lm
-adapted = None
 for method in progress(method_list, desc="methods", leave=False):
     lm = transferred_lm(method)
     for text_name in texts:
         results[text_name][method] = bits_per_byte(lm, new_windows[text_name], new_lengths)
-    if method == "soft" and adapt_seconds:
-        steps, seconds, last_loss = adapt(lm)
-        adapted = {"steps": steps, "seconds": round(seconds, 1), "last_loss": last_loss}
-        print(f"adapted the encoder for {steps} steps in {seconds:.0f} s ({seconds / steps:.2f} s a step), last loss {last_loss:.3f} nats")
-        for text_name in texts:
-            results[text_name]["soft+adapted"] = bits_per_byte(lm, new_windows[text_name], new_lengths)
     if save:
         save_model_folder(lm, new, save)
     del lm
-columns = method_list + (["soft+adapted"] if adapted else [])
 
 print(f"\nbits per byte, each text's first {eval_chars} characters in windows of {context} tokens; excess over the original in brackets")
-print("| text | T's tokens the LM lacks (distinct) | original | " + " | ".join(columns) + " |")
-print("|---|---:|---:|" + "---:|" * len(columns))
+print("| text | T's tokens the LM lacks (distinct) | original | " + " | ".join(method_list) + " |")
+print("|---|---:|---:|" + "---:|" * len(method_list))
 for text_name, result in results.items():
     base = result["original"]
-    cells = [f"{result[m]:.4f} ({result[m] - base:+.4f})" for m in columns]
+    cells = [f"{result[m]:.4f} ({result[m] - base:+.4f})" for m in method_list]
     print(f"| {text_name} | {uses[text_name]['tokens_the_lm_lacks']} ({uses[text_name]['distinct']}) | {base:.4f} | " + " | ".join(cells) + " |")
 
-report = {"model": model, "tokenizer": tokenizer, "methods": columns, "eval_chars": eval_chars, "context": context, "adapted": adapted,
+report = {"model": model, "tokenizer": tokenizer, "methods": method_list, "eval_chars": eval_chars, "context": context,
           "tokens": len(new_tokens), "made": len(made), "bits_per_byte": results, "uses": uses,
           "source": checkpoint_source(encoder, out_dir) if encoder is not None else None}
 fig, ax = plt.subplots(figsize=(7, 4))
-width = 0.8 / len(columns)
-for k, method in enumerate(columns):
+width = 0.8 / len(method_list)
+for k, method in enumerate(method_list):
     ax.bar([t + k * width for t in range(len(results))], [r[method] - r["original"] for r in results.values()], width, label=method)
 ax.set_xticks([t + 0.4 - width / 2 for t in range(len(results))], [t[:40] for t in results], fontsize=7)
 ax.set_ylabel("bits per byte over the original")
