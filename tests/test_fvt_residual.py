@@ -45,8 +45,6 @@ def test_a_tokens_fvt_row_comes_from_other_tokens_trained_on(smollm2_tokenizer):
     # split into pieces, not handed the mean row (as a token would be whose pieces are all banned)
     got_mean = (rows - table[train_ids].mean(0)).abs().max(1).values < 1e-6
     assert (got_mean & multi_byte).sum() < 0.01 * multi_byte.sum()
-    # train.py, train_e2e.py and evaluate.py each make them: they must agree
-    torch.testing.assert_close(vocabulary_fvt_rows(smollm2_tokenizer, table, train_ids.nonzero()[:, 0]), rows, rtol=0, atol=0)
 
 
 def test_the_stages_pass_fvts_rows_along(tiny_mistral, prepared_mistral, workdir):

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from soft_tokenizer.lm import bos_id, load_lm, load_tokenizer, resolve_model, text_windows, training_text
 from soft_tokenizer.spelling import token_bytes, untrained_rows
 from soft_tokenizer.untrained import VERIFIED_BELOW, find_untrained, geometry_candidates, named_unused, repeat_probabilities
-from helpers import ONE_THREAD, SMALL_SAMPLE, TINY_TRAIN, assert_own_table_changes_nothing, first_windows, run_script, spelled_rows, succeeds
+from helpers import SMALL_SAMPLE, TINY_TRAIN, assert_own_table_changes_nothing, first_windows, run_in_process, run_script, spelled_rows, succeeds
 
 UNUSED = 6242
 
@@ -153,10 +153,11 @@ def test_the_pipeline_runs_on_gemma_leaves_the_unused_rows_out_and_measures_new_
     assert len(set(tiny_gemma3.reference.tolist()) & untrained) >= 0.985 * UNUSED, prepare.stdout
     used = set(np.load(data / "train_ids.npy").tolist()) | set(np.load(data / "val_ids.npy").tolist()) | set(np.load(data / "test_ids.npy").tolist())
     assert not used & untrained and meta["tokenizer_kind"] == "sentencepiece" and meta["vocab_size"] == 262144
-    succeeds(run_script("train.py", model, f"--out_dir={out_dir}", *TINY_TRAIN, "--max_iters=10", "--eval_interval=10", cwd=workdir, env=ONE_THREAD))
+    # in this process: a new one would spend seconds importing torch and transformers again
+    succeeds(run_in_process("train.py", model, f"--out_dir={out_dir}", *TINY_TRAIN, "--max_iters=10", "--eval_interval=10", cwd=workdir))
     # repair fills exactly the rows the detector verified, from their bytes, and leaves the rest
     save = workdir / "tiny-gemma3-repaired"
-    repair = succeeds(run_script("tokens.py", "repair", model, f"--out_dir={out_dir}", "--method=soft", f"--save={save}", cwd=workdir, env=ONE_THREAD))
+    repair = succeeds(run_in_process("tokens.py", "repair", model, f"--out_dir={out_dir}", "--method=soft", f"--save={save}", cwd=workdir))
     # the detector's verdict is prepare's, read from meta.json, not a second run of the LM over every candidate
     assert "untrained rows: prepare's verdict in" in repair.stdout
     before = AutoModelForCausalLM.from_pretrained(tiny_gemma3.folder).get_input_embeddings().weight.detach()
