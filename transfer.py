@@ -6,7 +6,8 @@ the mean of the rows of the pieces the LM's own tokenizer splits it into; mean: 
 A tied LM uses the row on both sides. An untied one keeps its output rows for the shared tokens
 and gives the others the mean of its trained output rows (tokens.py says why). T's special
 tokens take the LM's own where they have a role in common (BOS, EOS, padding, or the same
-literal); T's BOS, for an LM that reads none, takes its EOS, the token it saw between texts. The measure is bits per byte on each text, the LM with T against the LM with its own
+literal); T's BOS, for an LM that reads none, takes its EOS, for want of a better row. The
+measure is bits per byte on each text, the LM with T against the LM with its own
 tokenizer on the same characters (per byte, since the two cut the text into different tokens).
 
 $ python transfer.py --model=smollm2 --out_dir=out-smollm2 --tokenizer=gemma3             # the table
@@ -78,7 +79,7 @@ role_rows = {role: getattr(own, role) for role in roles[1:] if getattr(own, role
 if bos_id(own) is not None:
     role_rows["bos_token_id"] = bos_id(own)
 elif "eos_token_id" in role_rows:
-    role_rows["bos_token_id"] = role_rows["eos_token_id"]  # an LM without BOS saw its EOS before each text
+    role_rows["bos_token_id"] = role_rows["eos_token_id"]  # an LM without BOS has no row for one: its EOS, for want of a better
 new_tokens, _ = token_bytes(new)
 source = torch.full((len(new_tokens),), -1)  # the LM's id whose rows a token of T takes; -1: made by the method
 for i, (spelling, flags) in enumerate(new_tokens):
@@ -176,7 +177,7 @@ for text_name, result in results.items():
     cells = [f"{result[m]:.4f} ({result[m] - base:+.4f})" for m in method_list]
     print(f"| {text_name} | {uses[text_name]['tokens_the_lm_lacks']} ({uses[text_name]['distinct']}) | {base:.4f} | " + " | ".join(cells) + " |")
 
-report = {"model": model, "tokenizer": tokenizer, "methods": method_list, "eval_chars": eval_chars, "context": context,
+report = {"model": model, "table_sha256": data.meta["table_sha256"], "data_sha256": data.meta["data_sha256"], "tokenizer": tokenizer, "methods": method_list, "eval_chars": eval_chars, "context": context,
           "tokens": len(new_tokens), "made": len(made), "bits_per_byte": results, "uses": uses,
           "source": checkpoint_source(encoder, out_dir) if encoder is not None else None}
 fig, ax = plt.subplots(figsize=(7, 4))
