@@ -4,8 +4,12 @@ text, and the loss says how far what it computes from them is from what it compu
 own rows: the KL divergence of its next-token distributions, or (cheaper: a few layers and no
 vocabulary-wide head) the error of its residual stream after its first k layers. Plus an MSE
 anchor on tokens drawn from the whole vocabulary, since the windows use only a few thousand
-tokens and the other rows must not drift.
+tokens and the other rows must not drift. And transfer.py's adaptation loss: the LM's own
+next-token loss on text in another tokenizer, where the encoder's rows stand for that
+tokenizer's tokens the LM lacks.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -54,3 +58,43 @@ def e2e_loss(encoder, lm, windows, input_ids, table, frozen, anchors, mse_weight
         ours = F.log_softmax(lm(inputs_embeds=inputs_embeds).logits.float(), dim=-1)
         match = F.kl_div(ours, own, log_target=True, reduction="none").sum(-1).mean()
     return match + mse_weight * mse, match, mse
+
+
+def new_vocabulary_loss(lm, windows, position, rows_of, negatives, generator):
+    """The LM's mean next-token loss on windows [W, T] of ids of a vocabulary it was given
+    (transfer.py), whose tokens keep the LM's current rows (position -1) or take the encoder's
+    (position p >= 0: rows_of(at) gives the rows, with gradients, for positions `at`). The LM
+    reads the encoder's rows for the windows' tokens. A tied LM also scores every token as the
+    next one: the fixed rows, the encoder's rows for the windows' tokens, and those for
+    `negatives` other tokens drawn at random (without replacement, from the generator), each
+    scored as if it stood for its share of all the tokens not drawn, so that the softmax's sum
+    is estimated without predicting every row at each step; with as many negatives as there are
+    other tokens, it is exactly the LM's loss with every row the encoder's. An untied LM scores
+    with its own output rows."""
+    embed, head = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
+    tokens, where = windows.unique(return_inverse=True)
+    learning = position[tokens] >= 0
+    ours = tokens[learning]  # sorted, as unique returns them
+    fresh = rows_of(position[ours])
+    rows = embed.detach()[tokens.to(embed.device)].index_put((learning.to(embed.device),), fresh.to(embed.dtype))
+    hidden = lm.get_decoder()(inputs_embeds=embed_rows(lm, rows[where.to(embed.device)])).last_hidden_state
+    hidden, targets = hidden[:, :-1].reshape(-1, hidden.shape[-1]), windows[:, 1:].reshape(-1)
+    if head is embed:
+        fixed = (position < 0).nonzero()[:, 0]
+        others = (position >= 0).nonzero()[:, 0]
+        others = others[~torch.isin(others, ours)]
+        drawn = others[torch.randperm(len(others), generator=generator)[:negatives]]
+        logits = torch.cat([hidden @ embed.detach()[fixed.to(embed.device)].T, hidden @ fresh.T.to(hidden.dtype),
+                            hidden @ rows_of(position[drawn]).T.to(hidden.dtype)], 1).float()
+        if len(drawn):
+            logits[:, len(fixed) + len(ours):] += math.log(len(others) / len(drawn))
+        column = torch.full((len(position),), -1)
+        column[fixed] = torch.arange(len(fixed))
+        column[ours] = len(fixed) + torch.arange(len(ours))
+        targets = column[targets]
+    else:
+        logits = (hidden @ head.T).float()
+    cap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, targets.to(logits.device))
