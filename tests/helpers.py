@@ -92,8 +92,8 @@ def run_script(script, *args, cwd, env=None, timeout=600):
 
 
 def run_in_process(script, *args, cwd):
-    """A run that must end in a user's mistake, inside the test process: the script's own code
-    from the top, without the seconds a new Python spends importing torch and transformers.
+    """A script's run inside the test process: its own code from the top, as a user runs it,
+    without the seconds a new Python spends importing torch and transformers.
     Returns what run_script returns, the sentence as the scripts' excepthook prints it, so
     fails_with reads both alike (test_errors.py checks that hook once, in a real process)."""
     from soft_tokenizer.configurator import UserError

@@ -17,16 +17,16 @@ from soft_tokenizer.distill import distill_rows
 from soft_tokenizer.filling import read_names
 from soft_tokenizer.lm import bits_per_byte, finetune_text, load_lm, load_tokenizer, selection_text, text_windows
 from soft_tokenizer.spelling import byte_lengths
-from helpers import ONE_THREAD, fails_with, run_in_process, run_script, stock_load, succeeds
+from helpers import fails_with, run_in_process, stock_load, succeeds
 
 METHODS = ["soft", "fvt", "mean", "mean_resizing", "random"]
 
 
 def test_finetune_compares_every_method_and_trains_only_the_new_rows(tiny_mistral, trained_mistral, workdir):
     out_dir = trained_mistral.out_dir
-    proc = succeeds(run_script("finetune.py", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", "--name=ft",
-                               "--new_words=4", "--steps=3", "--finetune_batch_size=2", "--finetune_context=32", "--finetune_eval_interval=2",
-                               "--eval_windows=2", "--zero_shot_chars=8000", "--zero_shot_context=128", "--save_models=True", cwd=workdir, env=ONE_THREAD))
+    proc = succeeds(run_in_process("finetune.py", f"--model={tiny_mistral.folder}", f"--out_dir={out_dir}", "--name=ft",
+                                   "--new_words=4", "--steps=3", "--finetune_batch_size=2", "--finetune_context=32", "--finetune_eval_interval=2",
+                                   "--eval_windows=2", "--zero_shot_chars=8000", "--zero_shot_context=128", "--save_models=True", cwd=workdir))
     report = json.loads((out_dir / "ft.json").read_text())
     assert (out_dir / "ft.png").stat().st_size > 10000 and "reaches mean" in proc.stdout
     assert report["encoder"]["checkpoint_id"] and report["text"]["sha256"] and report["text"]["new_tokens"]["held_out"] > 0
@@ -95,8 +95,8 @@ def test_repurpose_and_add_make_rows_from_a_name(tiny_mistral, workdir, tmp_path
     names = tmp_path / "names.json"
     names.write_text(json.dumps({"<0x42>": " zorblax"}))
     save = workdir / "repurposed-mistral"
-    succeeds(run_script("tokens.py", "repurpose", f"--model={tiny_mistral.folder}", "--method=fvt", f"--rows_from={names}",
-                        f"--save={save}", cwd=workdir, env=ONE_THREAD))
+    succeeds(run_in_process("tokens.py", "repurpose", f"--model={tiny_mistral.folder}", "--method=fvt", f"--rows_from={names}",
+                            f"--save={save}", cwd=workdir))
     lm, tokenizer = stock_load(save)
     table = lm.get_input_embeddings().weight.detach()
     pieces = tokenizer(" zorblax", add_special_tokens=False)["input_ids"]
@@ -109,8 +109,8 @@ def test_repurpose_and_add_make_rows_from_a_name(tiny_mistral, workdir, tmp_path
     described = tmp_path / "described.json"
     described.write_text(json.dumps({" zorblax": " a made-up word"}))
     save = workdir / "described-mistral"
-    succeeds(run_script("tokens.py", "add", f"--model={tiny_mistral.folder}", "--method=fvt", f"--rows_from={described}",
-                        f"--save={save}", cwd=workdir, env=ONE_THREAD))
+    succeeds(run_in_process("tokens.py", "add", f"--model={tiny_mistral.folder}", "--method=fvt", f"--rows_from={described}",
+                            f"--save={save}", cwd=workdir))
     lm, tokenizer = stock_load(save)
     pieces = tokenizer(" a made-up word", add_special_tokens=False)["input_ids"]
     assert tokenizer(" zorblax", add_special_tokens=False)["input_ids"] == [32000]
@@ -165,8 +165,8 @@ def test_add_refines_the_rows_on_a_text_that_uses_them(tiny_mistral, workdir, tm
     notes = tmp_path / "notes.txt"
     notes.write_text("\n\n".join(f"Every zorblax has {i} legs, and a zorblax of {i} legs is a small zorblax." for i in range(12)))
     save = workdir / "distilled-mistral"
-    proc = succeeds(run_script("tokens.py", "add", f"--model={tiny_mistral.folder}", "--method=fvt", f"--distill_text={notes}",
-                               f"--save={save}", "--tokens", " zorblax", cwd=workdir, env=ONE_THREAD))
+    proc = succeeds(run_in_process("tokens.py", "add", f"--model={tiny_mistral.folder}", "--method=fvt", f"--distill_text={notes}",
+                                   f"--save={save}", "--tokens", " zorblax", cwd=workdir))
     assert "refined by Token Distillation" in proc.stdout and "and Token Distillation" in proc.stdout
     lm, tokenizer = stock_load(save)
     table = lm.get_input_embeddings().weight.detach()

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from soft_tokenizer.lm import bos_id, load_lm, load_tokenizer, resolve_model, text_windows, training_text
 from soft_tokenizer.spelling import token_bytes, untrained_rows
 from soft_tokenizer.untrained import VERIFIED_BELOW, find_untrained, geometry_candidates, named_unused, repeat_probabilities
-from helpers import SMALL_SAMPLE, TINY_TRAIN, assert_own_table_changes_nothing, first_windows, run_in_process, run_script, spelled_rows, succeeds
+from helpers import SMALL_SAMPLE, TINY_TRAIN, assert_own_table_changes_nothing, first_windows, run_in_process, spelled_rows, succeeds
 
 UNUSED = 6242
 
@@ -144,7 +144,7 @@ def tiny_gemma3(tmp_path_factory):
 def test_the_pipeline_runs_on_gemma_leaves_the_unused_rows_out_and_measures_new_tokens(tiny_gemma3, workdir):
     model, out_dir = f"--model={tiny_gemma3.folder}", workdir / "out-tiny-gemma3"
     # both cores: the detector's matrices are 262,144 rows long
-    prepare = succeeds(run_script("prepare_mistral_data.py", model, *SMALL_SAMPLE, cwd=workdir))
+    prepare = succeeds(run_in_process("prepare_mistral_data.py", model, *SMALL_SAMPLE, cwd=workdir))
     data = workdir / "data" / tiny_gemma3.folder.name
     meta = json.loads((data / "meta.json").read_text())
     untrained = {t["id"] for t in meta["tokens"] if "untrained" in t["flags"]}
@@ -167,7 +167,7 @@ def test_the_pipeline_runs_on_gemma_leaves_the_unused_rows_out_and_measures_new_
     # finetune.py's zero-shot table on a tied LM with a BOS: the new tokens' rows serve as input and
     # output rows, then as input rows only (the output side the mean row); Token Distillation
     # goes through Gemma's scaled embedding layer
-    succeeds(run_script("finetune.py", model, f"--out_dir={out_dir}", "--name=zs", "--steps=0", "--new_words=4", "--methods=soft+distill",
+    succeeds(run_in_process("finetune.py", model, f"--out_dir={out_dir}", "--name=zs", "--steps=0", "--new_words=4", "--methods=soft+distill",
                         "--zero_shot_chars=2000", "--zero_shot_context=64", "--distill_steps=4", "--distill_contexts=2", cwd=workdir))
     zero_shot = json.loads((out_dir / "zs.json").read_text())["zero_shot"]["bits_per_byte"]
     assert zero_shot["original"]["input_only"] == zero_shot["original"]["input_and_output"]

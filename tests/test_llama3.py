@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from soft_tokenizer.lm import load_tokenizer, training_text
 from soft_tokenizer.spelling import token_bytes, untrained_rows
-from helpers import ONE_THREAD, SMALL_SAMPLE, SPELLING_ENCODER, assert_own_table_changes_nothing, first_windows, generates, run_script, spelled_rows, stock_load, succeeds
+from helpers import SMALL_SAMPLE, SPELLING_ENCODER, assert_own_table_changes_nothing, first_windows, generates, run_in_process, spelled_rows, stock_load, succeeds
 
 VOCAB, RANKS = 128256, 128000
 TRAINED_SPECIALS = [128000, 128001]  # <|begin_of_text|>, <|end_of_text|>
@@ -88,20 +88,21 @@ def tiny_llama3(reference, tmp_path_factory):
 def pipeline(tiny_llama3, workdir):
     """prepare -> train -> evaluate -> test_mistral, as a user runs them."""
     model, out_dir = f"--model={tiny_llama3.folder}", workdir / "out-llama3"
-    runs = {"prepare": succeeds(run_script("prepare_mistral_data.py", model, *SMALL_SAMPLE, cwd=workdir)),
-            "train": succeeds(run_script("train.py", model, f"--out_dir={out_dir}", *SPELLING_ENCODER, cwd=workdir, env=ONE_THREAD)),
+    # in this process, as a user's runs but without the seconds each new Python spends importing torch
+    runs = {"prepare": succeeds(run_in_process("prepare_mistral_data.py", model, *SMALL_SAMPLE, cwd=workdir)),
+            "train": succeeds(run_in_process("train.py", model, f"--out_dir={out_dir}", *SPELLING_ENCODER, cwd=workdir)),
             # top-1 on 4,096 rows: on all 128,256 it is a minute of V x V x D work no test reads
-            "evaluate": succeeds(run_script("evaluate.py", model, f"--out_dir={out_dir}", "--top1_rows=4096", cwd=workdir)),
-            "splice": succeeds(run_script("test_mistral.py", model, f"--out_dir={out_dir}", "--eval_tokens=256", "--context=128",
-                                          "--max_new_tokens=5", cwd=workdir))}
+            "evaluate": succeeds(run_in_process("evaluate.py", model, f"--out_dir={out_dir}", "--top1_rows=4096", cwd=workdir)),
+            "splice": succeeds(run_in_process("test_mistral.py", model, f"--out_dir={out_dir}", "--eval_tokens=256", "--context=128",
+                                              "--max_new_tokens=5", cwd=workdir))}
     return SimpleNamespace(runs=runs, out_dir=out_dir, data=workdir / "data" / tiny_llama3.folder.name)
 
 
 @pytest.fixture(scope="module")
 def repaired(tiny_llama3, pipeline, workdir):
     save = workdir / "llama3-repaired"
-    proc = succeeds(run_script("tokens.py", "repair", f"--model={tiny_llama3.folder}", f"--out_dir={pipeline.out_dir}",
-                               "--method=soft", f"--save={save}", cwd=workdir, env=ONE_THREAD))
+    proc = succeeds(run_in_process("tokens.py", "repair", f"--model={tiny_llama3.folder}", f"--out_dir={pipeline.out_dir}",
+                                   "--method=soft", f"--save={save}", cwd=workdir))
     return SimpleNamespace(folder=save, stdout=proc.stdout)
 
 
@@ -147,7 +148,7 @@ def test_its_own_table_changes_nothing(tiny_llama3):
 
 
 def test_detect_lists_exactly_the_untrained_rows(tiny_llama3, workdir):
-    proc = succeeds(run_script("tokens.py", "detect", f"--model={tiny_llama3.folder}", cwd=workdir))
+    proc = succeeds(run_in_process("tokens.py", "detect", f"--model={tiny_llama3.folder}", cwd=workdir))
     listed = [int(m.group(1)) for m in re.finditer(r"^\s+(\d+)\s+\d+\.\d+\s", proc.stdout, re.M)]
     assert listed == UNTRAINED
     assert f"254 of {VOCAB} input rows untrained" in proc.stdout

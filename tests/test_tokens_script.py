@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from soft_tokenizer.lm import load_tokenizer
 from soft_tokenizer.spelling import token_bytes, untrained_rows
-from helpers import (BYTE_A, ONE_THREAD, SMALL_SAMPLE, SPELLING_ENCODER, TOKEN_A, files_under, fails_with, generates, run_in_process, run_script, spelled_rows,
+from helpers import (BYTE_A, SMALL_SAMPLE, SPELLING_ENCODER, TOKEN_A, files_under, fails_with, generates, run_in_process, spelled_rows,
                      stock_load, succeeds)
 
 BYTE_a, TOKEN_a = 100, 28708  # <0x61> and "a"
@@ -36,8 +36,8 @@ def spelled(tiny_mistral, workdir, tmp_path_factory):
     lm.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     out_dir = workdir / "out-spelled"
-    succeeds(run_script("prepare_mistral_data.py", f"--model={folder}", *SMALL_SAMPLE, cwd=workdir))
-    succeeds(run_script("train.py", f"--model={folder}", f"--out_dir={out_dir}", *SPELLING_ENCODER, cwd=workdir, env=ONE_THREAD))
+    succeeds(run_in_process("prepare_mistral_data.py", f"--model={folder}", *SMALL_SAMPLE, cwd=workdir))
+    succeeds(run_in_process("train.py", f"--model={folder}", f"--out_dir={out_dir}", *SPELLING_ENCODER, cwd=workdir))
     # the twins must be rows the encoder learnt, or the test says nothing
     assert {TOKEN_A, TOKEN_a} <= set(np.load(workdir / "data" / folder.name / "train_ids.npy").tolist())
     return SimpleNamespace(folder=folder, out_dir=out_dir, table=table.detach().clone(), untrained=tiny_mistral.untrained,
@@ -45,7 +45,7 @@ def spelled(tiny_mistral, workdir, tmp_path_factory):
 
 
 def tokens_py(*args, cwd):
-    return run_script("tokens.py", *map(str, args), cwd=cwd, env=ONE_THREAD)
+    return run_in_process("tokens.py", *map(str, args), cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_compare_prints_the_table(spelled, workdir):
     """compare reads its soft rows from evaluate.py's predicted table, the one the splice uses."""
     fails_with(run_in_process("tokens.py", "compare", f"--model={spelled.folder}", f"--out_dir={spelled.out_dir}", cwd=workdir), "run: python evaluate.py")
     # top-1 on a sample of rows: compare reads the predicted table, not the top-1
-    succeeds(run_script("evaluate.py", f"--model={spelled.folder}", f"--out_dir={spelled.out_dir}", "--top1_rows=1024", cwd=workdir, env=ONE_THREAD))
+    succeeds(run_in_process("evaluate.py", f"--model={spelled.folder}", f"--out_dir={spelled.out_dir}", "--top1_rows=1024", cwd=workdir))
     proc = succeeds(tokens_py("compare", f"--model={spelled.folder}", f"--out_dir={spelled.out_dir}",
                               "--eval_tokens=128", "--context=64", cwd=workdir))
     lines = re.findall(r"^\| (\w+)[^|]*\| ([\d.]+) \|", proc.stdout, re.M)
