@@ -7,7 +7,7 @@ The library behind the scripts at the repository root: each module owns one idea
   storage       data and checkpoint files, and what each came from
   schedule      the learning rate, the budget and the batch order
   metrics       how close predicted rows are to the true ones
-  e2e           the end-to-end loss: predicted rows read by the frozen LM
+  e2e           the losses through the frozen LM: train_e2e.py's, and transfer.py's adaptation
   splice        predicted tables written, read back and spliced into the LM
   untrained     finding the rows an LM never trained
   filling       rows for added, repaired or repurposed tokens
