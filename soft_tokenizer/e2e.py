@@ -79,22 +79,22 @@ def new_vocabulary_loss(lm, windows, position, rows_of, negatives, generator):
     rows = embed.detach()[tokens.to(embed.device)].index_put((learning.to(embed.device),), fresh.to(embed.dtype))
     hidden = lm.get_decoder()(inputs_embeds=embed_rows(lm, rows[where.to(embed.device)])).last_hidden_state
     hidden, targets = hidden[:, :-1].reshape(-1, hidden.shape[-1]), windows[:, 1:].reshape(-1)
-    if head is embed:
-        fixed = (position < 0).nonzero()[:, 0]
-        others = (position >= 0).nonzero()[:, 0]
-        others = others[~torch.isin(others, ours)]
-        drawn = others[torch.randperm(len(others), generator=generator)[:negatives]]
-        logits = torch.cat([hidden @ embed.detach()[fixed.to(embed.device)].T, hidden @ fresh.T.to(hidden.dtype),
-                            hidden @ rows_of(position[drawn]).T.to(hidden.dtype)], 1).float()
-        if len(drawn):
-            logits[:, len(fixed) + len(ours):] += math.log(len(others) / len(drawn))
-        column = torch.full((len(position),), -1)
-        column[fixed] = torch.arange(len(fixed))
-        column[ours] = len(fixed) + torch.arange(len(ours))
-        targets = column[targets]
-    else:
-        logits = (hidden @ head.T).float()
     cap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return F.cross_entropy(logits, targets.to(logits.device))
+
+    def scores(candidates):
+        logits = (hidden @ candidates.T.to(hidden.dtype)).float()
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    if head is not embed:
+        return F.cross_entropy(scores(head), targets.to(hidden.device))
+    fixed = (position < 0).nonzero()[:, 0]
+    others = (position >= 0).nonzero()[:, 0]
+    others = others[~torch.isin(others, ours)]
+    drawn = others[torch.randperm(len(others), generator=generator)[:negatives]]
+    # each drawn token counts as len(others) / len(drawn) of them: its weight in the sum is a log added to its score
+    stands_for = math.log(len(others) / len(drawn)) if len(drawn) else 0.0
+    logits = torch.cat([scores(embed.detach()[fixed.to(embed.device)]), scores(fresh), scores(rows_of(position[drawn])) + stands_for], 1)
+    column = torch.full((len(position),), -1)
+    column[fixed] = torch.arange(len(fixed))
+    column[ours] = len(fixed) + torch.arange(len(ours))
+    return F.cross_entropy(logits, column[targets].to(logits.device))

@@ -67,9 +67,10 @@ def tokenizer_of(tiny):
     return load_tokenizer(tiny.folder)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma3_text"])
-def test_the_adaptation_loss_is_the_lms_own_loss_when_every_other_token_is_drawn(kind):
-    """e2e.new_vocabulary_loss on a tiny tied LM (Gemma's scales its input rows): with every
+@pytest.mark.parametrize("kind, capped", [("llama", {}), ("gemma3_text", {"final_logit_softcapping": 0.5})])
+def test_the_adaptation_loss_is_the_lms_own_loss_when_every_other_token_is_drawn(kind, capped):
+    """e2e.new_vocabulary_loss on a tiny tied LM (Gemma's scales its input rows, and here caps
+    its scores hard, as Gemma 2's do): with every
     other made token drawn, its loss is exactly the stock LM's loss with the encoder's rows in
     its table, and with five drawn it still is where all the rows not drawn are alike (each
     drawn row stands for its share of them); the gradient reaches the windows' and the drawn
@@ -77,7 +78,7 @@ def test_the_adaptation_loss_is_the_lms_own_loss_when_every_other_token_is_drawn
     from transformers import AutoConfig
     torch.manual_seed(0)
     config = AutoConfig.for_model(kind, vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True)
+                                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True, **capped)
     lm = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
     assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
     position = torch.full((300,), -1)
