@@ -35,8 +35,8 @@ from model import PAD, trim_padding
 from soft_tokenizer.configurator import UserError, check, configure, pick_device, progress
 from soft_tokenizer.e2e import new_vocabulary_loss
 from soft_tokenizer.filling import METHODS, fvt_rows, new_rows, vocabulary_fvt_rows
-from soft_tokenizer.lm import (EMBEDDED, bits_per_byte, bos_id, evaluation_texts, load_lm, load_tokenizer, read_text_file,
-                               resolve_model, selection_text, text_windows, training_text)
+from soft_tokenizer.lm import (bits_per_byte, bos_id, evaluation_texts, load_lm, load_tokenizer, read_text_file, resolve_model, selection_text,
+                               text_windows, tokenizer_folder, training_text)
 from soft_tokenizer.spelling import byte_lengths, encode_bytes, token_bytes, untrained_rows
 from soft_tokenizer.storage import (atomic_write, check_lm_table, check_writable, checkpoint_source, load_checkpoint, load_data,
                                     load_encoder, save_model_folder, untrained_in)
@@ -44,7 +44,7 @@ from soft_tokenizer.storage import (atomic_write, check_lm_table, check_writable
 model = "smollm2"  # the LM: hub id, local folder, or "smollm2"; its data must be prepared (prepare_mistral_data.py)
 out_dir = "out-smollm2"  # the encoder checkpoint soft reads; NAME.json and NAME.png are written here
 checkpoint = "auto"  # regression, e2e, or auto: the last stage that ran
-tokenizer = "gemma3"  # the new tokenizer: a hub id, a local folder with tokenizer files, or "smollm2" / "gemma3"
+tokenizer = "gemma3"  # the new tokenizer: a hub id, a local folder with tokenizer files, or "smollm2", "gemma3", "mistral" (Mistral-7B's), "llama3"
 methods = "soft,fvt,mean"  # how the rows of T's tokens that the LM lacks are made (filling.py), each measured
 save = ""  # with one method: write the LM with T here (a new folder)
 text_file = ""  # a further UTF-8 text to measure on, beside the two evaluation texts
@@ -103,9 +103,9 @@ data = load_data(model)
 lm_folder, _ = resolve_model(model)
 own = load_tokenizer(lm_folder)
 try:
-    new = load_tokenizer(resolve_model(tokenizer)[0] if tokenizer in EMBEDDED else tokenizer)
+    new = load_tokenizer(tokenizer_folder(tokenizer))
 except (OSError, ValueError) as e:
-    raise UserError(f"no tokenizer found at {tokenizer!r} ({type(e).__name__}); pass a folder with tokenizer files, a hub id, smollm2 or gemma3") from None
+    raise UserError(f"no tokenizer found at {tokenizer!r} ({type(e).__name__}); pass a folder with tokenizer files, a hub id, smollm2, gemma3, mistral or llama3") from None
 table, vocab_size = data.table, data.meta["vocab_size"]
 known = ~untrained_in(data)
 own_tokens, _ = token_bytes(own)

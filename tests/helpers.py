@@ -3,7 +3,6 @@ What the tests share: the tiny Mistral's constants, and running the repository's
 the way a user does and checking how they end.
 """
 import gc
-import importlib.util
 import io
 import os
 import runpy
@@ -13,7 +12,6 @@ import traceback
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
-import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,14 +35,6 @@ SPELLING_ENCODER = [*PLAIN, "--n_layer=2", "--n_embd=64", "--n_head=2", "--head_
 SMALL_SAMPLE = ["--sample_windows_train=4", "--sample_windows_selection=2", "--sample_length=64"]
 TINY_TRAIN = [*PLAIN, "--n_layer=1", "--n_embd=32", "--n_head=2", "--head_hidden=64", "--batch_size=32",
               "--gradient_accumulation_steps=1", "--eval_sample=512"]
-
-
-def mistral_tokenizer_model():
-    """Mistral-7B-v0.1's tokenizer.model, found without importing mistral_common."""
-    spec = importlib.util.find_spec("mistral_common")
-    if spec is None:
-        pytest.fail("mistral-common is not installed; run: make install")
-    return os.path.join(spec.submodule_search_locations[0], "data", "tokenizer.model.v1")
 
 
 def spelled_rows(byte_strings, dim, seed, noise=0.3):

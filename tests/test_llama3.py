@@ -1,7 +1,8 @@
 """
 Llama 3 as its users meet it. The real tokenizer: the tiktoken ranks Meta ships (llama-models'
 llama3/tokenizer.model), made into the tokenizer.json folder the hub's Llama 3 repositories
-carry, with the 256 special tokens after the 128,000 ranks. Around it a tiny random
+carry, with the 256 special tokens after the 128,000 ranks (lm.save_llama3_tokenizer, which
+also gives transfer.py its tokenizer=llama3). Around it a tiny random
 LlamaForCausalLM with all 128,256 rows, untied, in safetensors shards. As in the base
 Llama-3-8B, the rows of 254 of the 256 special tokens (the chat markers among them) are zero
 or near 1e-21 on both sides; only <|begin_of_text|> and <|end_of_text|> were trained. The other
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from soft_tokenizer.lm import load_tokenizer, training_text
+from soft_tokenizer import lm as lm_module
+from soft_tokenizer.lm import load_tokenizer, save_llama3_tokenizer, tokenizer_folder, training_text
 from soft_tokenizer.spelling import token_bytes, untrained_rows
 from helpers import SMALL_SAMPLE, SPELLING_ENCODER, assert_own_table_changes_nothing, first_windows, generates, run_in_process, spelled_rows, stock_load, succeeds
 
@@ -27,10 +29,6 @@ VOCAB, RANKS = 128256, 128000
 TRAINED_SPECIALS = [128000, 128001]  # <|begin_of_text|>, <|end_of_text|>
 UNTRAINED = list(range(128002, VOCAB))
 CHAT_MARKERS = {"<|start_header_id|>": 128006, "<|end_header_id|>": 128007, "<|eot_id|>": 128009}
-# Llama 3's chat format: a header names the role, <|eot_id|> ends each turn
-CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
-                 "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
-                 "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -42,29 +40,11 @@ def reference():
     return Tokenizer.get_instance()
 
 
-def save_llama3_tokenizer(reference, folder):
-    """The tiktoken ranks as a fast tokenizer: byte-level BPE, the specials as added tokens,
-    <|begin_of_text|> put before every text, as in the hub's tokenizer.json."""
-    from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-    ranks = Path(importlib.util.find_spec("llama_models").submodule_search_locations[0]) / "llama3" / "tokenizer.model"
-    specials = sorted(reference.special_tokens, key=reference.special_tokens.get)
-    backend = TikTokenConverter(vocab_file=str(ranks), pattern=reference.pat_str, extra_special_tokens=specials).converted()
-    bos = ("<|begin_of_text|>", reference.bos_id)
-    backend.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B", special_tokens=[bos])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos[0], eos_token="<|end_of_text|>",
-                                        chat_template=CHAT_TEMPLATE)
-    tokenizer.save_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def tiny_llama3(reference, tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
     folder = tmp_path_factory.mktemp("models") / "tiny-llama3"
-    save_llama3_tokenizer(reference, folder)
+    save_llama3_tokenizer(folder)
     tokenizer = load_tokenizer(folder)
     tokens, _ = token_bytes(tokenizer)
     torch.manual_seed(0)
@@ -188,3 +168,14 @@ def test_repaired_folder_loads_chats_and_keeps_the_markers_single(repaired):
                                      "<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert [ids.count(i) for i in CHAT_MARKERS.values()] == [2, 2, 1] and ids[0] == 128000
     generates(lm, tokenizer, chat)
+
+
+def test_the_named_tokenizer_is_made_once_in_the_cache(reference, monkeypatch, tmp_path):
+    """transfer.py --tokenizer=llama3: the folder is made in the cache on first use, then reused."""
+    monkeypatch.setattr(lm_module, "CACHE_DIR", str(tmp_path))
+    folder = tokenizer_folder("llama3")
+    made = Path(folder, "tokenizer.json").stat().st_mtime_ns
+    text = "def transfer(tokens):\n    return {t: 'é東京' for t in tokens}"
+    assert load_tokenizer(folder)(text)["input_ids"] == reference.encode(text, bos=True, eos=False)
+    assert tokenizer_folder("llama3") == folder and Path(folder, "tokenizer.json").stat().st_mtime_ns == made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer-llama3"]  # no staging folder left behind

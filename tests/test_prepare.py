@@ -9,9 +9,9 @@ import numpy as np
 import sentencepiece
 from safetensors import safe_open
 
-from soft_tokenizer.lm import resolve_model
+from soft_tokenizer.lm import mistral_tokenizer_model, resolve_model
 from model import END, PAD, START
-from helpers import BYTE_A, SMALL_SAMPLE, TOKEN_A, fails_with, files_under, mistral_tokenizer_model, run_in_process, run_script, succeeds
+from helpers import BYTE_A, SMALL_SAMPLE, TOKEN_A, fails_with, files_under, run_in_process, run_script, succeeds
 
 
 def load_prepared(folder):

@@ -9,7 +9,8 @@ from transformers import PreTrainedTokenizerFast
 
 from soft_tokenizer.configurator import UserError
 from soft_tokenizer.spelling import encode_bytes, token_bytes, tokenizer_kind
-from helpers import BYTE_A, TOKEN_A, mistral_tokenizer_model
+from soft_tokenizer.lm import mistral_tokenizer_model
+from helpers import BYTE_A, TOKEN_A
 
 TEXTS = [
     "Hello world",
