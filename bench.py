@@ -33,8 +33,8 @@ e2e_share = 0.5  # of this repo's recipe's budget, the end-to-end stage's share 
 baseline_config = "config/prototype.py"
 default_config = "config/smollm2_gpu.py" if torch.cuda.is_available() else "config/smollm2_cpu.py"
 out_dir = "out-bench"
-# train.py's torch.compile (CUDA only; the step that compiles is not training time). Off: it
-# breaks its graph at the sparse gradient of the n-gram table, which this repo's recipe trains
+# train.py's torch.compile (CUDA only; the step that compiles is not training time). Off: it was
+# only ever tried on the hashed n-gram table the solved vectors replaced, whose sparse gradient broke its graph
 compile = False
 configure(globals())
 REPO = os.path.dirname(os.path.abspath(__file__))  # the scripts it runs; data/ and out_dir are found from where it is run

@@ -1,8 +1,12 @@
 """
 The byte encoder and its loss. A small bidirectional transformer reads a token's UTF-8 bytes,
 [start] bytes [end] [pad]..., and an MLP on the state at [end] predicts the row the LM's
-embedding table has for that token. forward(idx, targets) returns the prediction and, given
-the true rows, the loss.
+embedding table has for that token. Beside it, the row is also a sum of vectors, one for each
+n-gram of the token's symbols that the training tokens have (fastText's bag of n-grams, the
+markers counting as symbols); a sum is linear in its vectors, so train.py solves them by least
+squares (soft_tokenizer/ngrams.py) and the transformer learns what they leave. A string the
+encoder never saw gets the vectors of the n-grams it has. forward(idx, targets) returns the
+prediction and, given the true rows, the loss.
 """
 import math
 from dataclasses import dataclass
@@ -10,11 +14,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from soft_tokenizer.configurator import progress
 
 START, END, PAD = 256, 257, 258  # byte ids are 0..255
 BYTE_VOCAB = 259
+# an n-gram's code is its symbols as digits s + 1 in base 260 (no digit is 0, so codes of
+# different lengths never meet); 260**7 < 2**63, so up to 7 symbols fit an int64 exactly
+NGRAM_BASE = BYTE_VOCAB + 1
+NGRAM_LIMIT = 7
+BIAS_CODE = 0  # the empty n-gram, which every token has: the bias
+NO_CODE = -1
 
 
 @dataclass
@@ -27,12 +36,13 @@ class ByteEncoderConfig:
     head_hidden: int = 2048  # width of the MLP that projects the end-token state up to n_out
     dropout: float = 0.0
     bias: bool = True
-    # hashed byte n-grams (fastText, BLT's local encoder): each position also gets the vectors of
-    # the n-grams of 2..ngram_max symbols that end there, from a table of ngram_buckets rows.
-    # Much capacity for little compute; an n-gram that holds all of a token's bytes is left out,
-    # so no vector ever stands for one whole token
-    ngram_max: int = 0  # 0: no n-grams
-    ngram_buckets: int = 2**18
+    # the solved part (ngram_codes): vectors in the table's own space for the n-grams of 1 to
+    # ngram_max symbols of [start] bytes [end]; 0: none, the transformer alone
+    ngram_max: int = 0
+    # a token of at most this many bytes also has its whole sequence as a feature: its bytes
+    # have too few parts to compose it. No other string ever has that feature
+    ngram_whole_max: int = 0
+    ngram_count: int = 0  # how many n-grams have a vector: those the training tokens have
     # the table's RMS row norm (train.py measures it): the loss compares rows in units of it,
     # so its settings mean the same on every LM (SmolLM2's rows have norm 3.25, Gemma 3's 1.03).
     # The head still predicts the table's own units: dividing its output instead would change
@@ -149,15 +159,37 @@ def softmax_negative_ids(table_size, n_sampled, hubs, generator):
     return torch.cat([hubs, torch.randint(0, table_size, (n_sampled,), generator=generator).to(hubs.device)])
 
 
-def ngram_ids(idx, n, buckets):
-    """[B, T] bucket of the n symbols that end at each position (the first n-1 positions get
-    one too; callers mask them), from a polynomial hash of the symbols."""
-    ids = torch.zeros_like(idx)
-    for k in range(n):
-        # the symbol k places back, or PAD before the start: masked anyway
-        back = F.pad(idx[:, :idx.shape[1] - k], (k, 0), value=PAD) if k else idx
-        ids = (ids * 1000003 + back) % (2**31 - 1)
-    return (ids * 2654435761 + n) % buckets
+def ngram_codes(idx, ngram_max, whole_max):
+    """[B, K] the codes of the features each token of idx [B, T] has, once each, NO_CODE in the
+    unused places: the bias; every n-gram of 1 to ngram_max symbols of [start] bytes [end] but
+    the markers alone and the whole sequence; the whole sequence if the token has at most
+    whole_max bytes. is_whole [B, K] marks that last one."""
+    B, T = idx.shape
+    length = (idx != PAD).sum(1, keepdim=True)  # symbols, markers included
+    digits = (idx + 1).masked_fill(idx == PAD, 0)
+    codes, wholes = [torch.full((B, 1), BIAS_CODE, dtype=torch.long, device=idx.device)], []
+    for n in range(1, min(ngram_max, T) + 1):
+        windows = digits.unfold(1, n, 1)  # [B, T - n + 1, n]
+        code = (windows * NGRAM_BASE ** torch.arange(n, device=idx.device)).sum(-1)
+        first = torch.arange(windows.shape[1], device=idx.device)[None, :]
+        inside = first + n <= length
+        whole = (first == 0) & (length == n)
+        keep = inside & ~whole & ~((n == 1) & (idx[:, :windows.shape[1]] >= START))
+        codes.append(code.masked_fill(~keep, NO_CODE))
+    if whole_max:
+        # the whole sequence, as one more code; only short tokens have it, and all of them fit
+        n = min(whole_max + 2, T)
+        code = (digits[:, :n] * NGRAM_BASE ** torch.arange(n, device=idx.device)).sum(-1, keepdim=True)
+        wholes.append(code.masked_fill(length - 2 > whole_max, NO_CODE))
+    codes = torch.cat(codes + wholes, 1)
+    is_whole = torch.zeros_like(codes, dtype=torch.bool)
+    if wholes:
+        is_whole[:, -1] = codes[:, -1] != NO_CODE
+    # an n-gram that comes twice in a token counts once: sort, then drop repeats
+    codes, order = codes.sort(1)
+    is_whole = is_whole.gather(1, order)
+    repeat = F.pad(codes[:, 1:] == codes[:, :-1], (1, 0), value=False)
+    return codes.masked_fill(repeat, NO_CODE), is_whole & ~repeat
 
 
 class ByteEncoder(nn.Module):
@@ -167,9 +199,13 @@ class ByteEncoder(nn.Module):
         self.wte = nn.Embedding(BYTE_VOCAB, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         if config.ngram_max:
-            # the last row is "no n-gram": zero, never trained. Sparse gradients, so that a step
-            # costs the rows the batch touched, not the whole table (SparseAdam steps them)
-            self.ngram = nn.Embedding(config.ngram_buckets + 1, config.n_embd, padding_idx=config.ngram_buckets, sparse=sparse_ngrams)
+            if not 1 <= config.ngram_max <= NGRAM_LIMIT or not 0 <= config.ngram_whole_max <= NGRAM_LIMIT - 2:
+                raise ValueError(f"ngram_max must be 1 to {NGRAM_LIMIT} and ngram_whole_max 0 to {NGRAM_LIMIT - 2}: longer codes do not fit an int64")
+            # the codes of the n-grams that have a vector, sorted, so a lookup is a binary search;
+            # row ngram_count is "no such n-gram": zero, never trained. Sparse gradients, so that an
+            # e2e step costs the rows the batch touched (SparseAdam steps them)
+            self.register_buffer("ngram_keys", torch.zeros(config.ngram_count, dtype=torch.long))
+            self.ngram = nn.EmbeddingBag(config.ngram_count + 1, config.n_out, mode="sum", padding_idx=config.ngram_count, sparse=sparse_ngrams)
         if config.fvt_residual:
             self.fvt_in = nn.Linear(config.n_out, config.n_embd, bias=False)
         self.drop = nn.Dropout(config.dropout)
@@ -185,8 +221,10 @@ class ByteEncoder(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        if config.fvt_residual:
-            # no correction at the start: the first prediction is FVT's row itself, not FVT's row plus noise larger than a row
+        if config.ngram_max:
+            nn.init.zeros_(self.ngram.weight)
+        if config.fvt_residual or config.ngram_max:
+            # nothing added at the start: the first prediction is FVT's row or the solved one itself, not it plus noise larger than a row
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
 
@@ -213,8 +251,6 @@ class ByteEncoder(nn.Module):
         keep = idx != PAD
         pos = torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)
-        if self.config.ngram_max:
-            x = x + self.ngram_vectors(idx, keep)
         if self.config.fvt_residual:
             # in the table's RMS units, as the loss reads rows, so its scale is the same on every LM
             fvt = fvt.to(x.dtype)
@@ -225,6 +261,8 @@ class ByteEncoder(nn.Module):
         # the state at the [end] position sums up the whole token
         end = keep.sum(1) - 1
         pred = self.head(self.ln_f(x[torch.arange(B, device=idx.device), end]))
+        if self.config.ngram_max:
+            pred = pred + self.ngram(self.ngram_rows(idx)).to(pred.dtype)
         if self.config.fvt_residual:
             pred = pred + fvt
         if targets is None:
@@ -234,22 +272,15 @@ class ByteEncoder(nn.Module):
             loss_inputs = {**loss_inputs, "negatives": loss_inputs["negatives"] / scale}
         return pred, embedding_loss(pred / scale, targets / scale, loss, **loss_inputs)
 
-    def ngram_vectors(self, idx, keep):
-        """The sum of the vectors of the n-grams that end at each position."""
-        T = idx.shape[1]
-        is_byte = (idx < 256).long()
-        token_bytes = is_byte.sum(1, keepdim=True)
-        none = self.config.ngram_buckets
-        out = 0
-        for n in range(2, min(self.config.ngram_max, T) + 1):
-            # symbols and bytes in the n places ending at each position, by running sums
-            kept = F.pad(keep.long().cumsum(1), (n, 0))
-            bytes_in = F.pad(is_byte.cumsum(1), (n, 0))
-            whole = (kept[:, n:] - kept[:, :T]) == n  # n real symbols, none of them padding
-            partial = (bytes_in[:, n:] - bytes_in[:, :T]) < token_bytes  # not all of the token's bytes
-            ids = ngram_ids(idx, n, self.config.ngram_buckets).masked_fill(~(whole & partial), none)
-            out = out + self.ngram(ids)
-        return out
+    def ngram_rows(self, idx):
+        """[B, K] the row of self.ngram for each feature of each token (ngram_codes): the row of
+        its code among ngram_keys, or the zero row for a code no training token had."""
+        codes, _ = ngram_codes(idx, self.config.ngram_max, self.config.ngram_whole_max)
+        none = self.config.ngram_count
+        if none == 0:
+            return torch.full_like(codes, none)
+        slot = torch.searchsorted(self.ngram_keys, codes).clamp(max=none - 1)
+        return slot.masked_fill(self.ngram_keys[slot] != codes, none)
 
     @torch.no_grad()
     def predict(self, input_ids, batch_size=1024, fvt=None):
@@ -268,13 +299,10 @@ class ByteEncoder(nn.Module):
         return predicted
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW for the dense weights; the n-gram table, if any, gets SparseAdam (only the rows a
-        batch touched move, and nothing decays a row between its visits)."""
+        """AdamW for the transformer's weights. The solved n-gram vectors are not among them:
+        train.py trains the transformer on what they leave (train_e2e.py steps them)."""
         ngram = [self.ngram.weight] if self.config.ngram_max else []
         dense = [p for p in self.parameters() if all(p is not q for q in ngram)]
         groups = [{"params": [p for p in dense if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in dense if p.dim() < 2], "weight_decay": 0.0}]
-        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")]
-        if ngram:
-            optimizers.append(torch.optim.SparseAdam(ngram, lr=learning_rate, betas=betas))
-        return optimizers
+        return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")]

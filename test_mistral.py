@@ -33,7 +33,8 @@ text_file = ""  # text for perplexity; empty: the two evaluation texts from Pyth
 selection = False
 eval_tokens = 2048  # perplexity over the first this many tokens of each text
 context = 512  # a text is scored in independent windows of this many tokens, each led by the LM's BOS if it has one
-# whose rows are spliced: all; in_text, the tokens the training text uses; not_in_text, the others.
+# whose rows are spliced: all; in_text, the tokens the training text uses; not_in_text, the others;
+# held_out, the held-out tokens, which no stage trained on: what a token the encoder never saw gets.
 # The rest keep the LM's own rows, which says where a splice's loss comes from (splice-in_text.json, ...)
 splice_tokens = "all"
 device = "auto"  # auto: cuda, else cpu (never mps: configurator.pick_device)
@@ -44,8 +45,8 @@ for key in ("max_new_tokens", "eval_tokens"):
 check(globals(), "context", 2)
 if text_file and selection:
     raise UserError("text_file and selection=True both name the text to score; pass one of them")
-if splice_tokens not in ("all", "in_text", "not_in_text"):
-    raise UserError(f"splice_tokens={splice_tokens!r} is not known; use all, in_text or not_in_text")
+if splice_tokens not in ("all", "in_text", "not_in_text", "held_out"):
+    raise UserError(f"splice_tokens={splice_tokens!r} is not known; use all, in_text, not_in_text or held_out")
 report_file = "splice" + ("" if splice_tokens == "all" else f"-{splice_tokens}") + ("-selection" if selection else "") + ".json"
 started = time.time()
 dev = pick_device(device)
@@ -57,7 +58,9 @@ data = load_data(model)
 new, source = read_predicted_table(out_dir, load_checkpoint(out_dir, data_identity(data), checkpoint))
 texts = scoring_texts(text_file, selection)
 check_writable(out_dir)
-spliced_ids = None if splice_tokens == "all" else ((data.text_counts > 0) == (splice_tokens == "in_text")).nonzero()[:, 0]
+spliced_ids = {"all": None, "held_out": data.test_ids}.get(splice_tokens)
+if splice_tokens in ("in_text", "not_in_text"):
+    spliced_ids = ((data.text_counts > 0) == (splice_tokens == "in_text")).nonzero()[:, 0]
 
 print(f"loading {model} ({torch_dtype}, {dev})")
 lm, tokenizer = load_lm(model, torch_dtype, dev)

@@ -21,7 +21,8 @@ from soft_tokenizer.configurator import UserError, check, configure, pick_device
 from soft_tokenizer.filling import vocabulary_fvt_rows
 from soft_tokenizer.lm import load_tokenizer, resolve_model
 from soft_tokenizer.metrics import closeness
-from model import PAD, ByteEncoder, ByteEncoderConfig, LossConfig, hub_ids, softmax_negative_ids, trim_padding
+from soft_tokenizer.ngrams import ngram_vocabulary, solve_ngram_vectors
+from model import NGRAM_LIMIT, PAD, ByteEncoder, ByteEncoderConfig, LossConfig, hub_ids, softmax_negative_ids, trim_padding
 from soft_tokenizer.schedule import batch_order, budget_used, get_lr
 from soft_tokenizer.storage import STAGE_FILES, claim_out_dir, data_identity, load_checkpoint, load_data, save_checkpoint
 
@@ -39,16 +40,23 @@ eval_interval_seconds = 60.0  # training seconds between evals; 0: none by time 
 eval_sample = 2048  # tokens sampled from each split for the periodic eval
 log_file = ""  # if set, each eval appends a JSON line here (bench.py reads it)
 seed = 1337
-# encoder: one layer, since with the n-gram table doing the memorising a second costs more steps than it gives
+# the solved part (soft_tokenizer/ngrams.py, model.ngram_codes): a vector in the table's space
+# for every n-gram of 1 to ngram_max symbols of [start] bytes [end] that the train tokens have,
+# solved by ridge least squares before the transformer trains on what they leave; 0: none
+ngram_max = 6
+ngram_whole_max = 3  # tokens of at most this many bytes also get a vector of their own (too few parts to compose)
+ngram_min_tokens = 1  # an n-gram gets a vector if at least this many train tokens have it (whole-token ones always)
+ngram_ridge = 0.05  # the ridge penalty on each n-gram vector; it shrinks most the vectors that few tokens share
+ngram_whole_ridge = 0.05  # the same for whole-token vectors
+ngram_solve_iters = 60  # conjugate-gradient iterations of the solve
+ngram_column_block = 0  # solve this many of the table's columns at a time (less memory on a wide table); 0: all
+# encoder
 n_layer = 1
 n_head = 4
 n_embd = 256
 head_hidden = 1024
 dropout = 0.0
 bias = True
-ngram_max = 4  # hashed byte n-grams of 2..ngram_max symbols added at each position (model.py); 0: none
-ngram_buckets = 2**18
-ngram_lr_scale = 30.0  # the n-gram table's learning rate over learning_rate: each of its rows is seen a few times an epoch
 # the encoder also reads FVT's row for each token (the mean of its pieces' rows) and predicts a
 # correction to it (model.py; filling.vocabulary_fvt_rows says which pieces a vocabulary token gets)
 fvt_residual = False
@@ -92,9 +100,11 @@ compile = True  # torch.compile on CUDA only; the step that compiles is not coun
 configure(globals())
 config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 # every number is range-checked before any work, each with one sentence naming it
-for key in ("batch_size", "gradient_accumulation_steps", "eval_sample", "n_layer", "n_head", "n_embd", "head_hidden", "ngram_buckets"):
+for key in ("batch_size", "gradient_accumulation_steps", "eval_sample", "n_layer", "n_head", "n_embd", "head_hidden", "ngram_min_tokens"):
     check(config, key, 1)
-for key in ("max_iters", "eval_interval", "ngram_max", "ngram_lr_scale", "warmup_iters", "softmax_negatives", "softmax_hub_negatives", "softmax_min_count",
+check(config, "ngram_max", 0, NGRAM_LIMIT)
+check(config, "ngram_whole_max", 0, NGRAM_LIMIT - 2)
+for key in ("max_iters", "eval_interval", "ngram_solve_iters", "ngram_column_block", "ngram_ridge", "ngram_whole_ridge", "warmup_iters", "softmax_negatives", "softmax_hub_negatives", "softmax_min_count",
             "l1_weight", "mse_weight", "softmax_weight", "token_weight_power", "sample_power", "lm_share_tokens", "weight_decay",
             "grad_clip", "max_seconds", "eval_interval_seconds", "min_lr"):
     check(config, key, 0)
@@ -102,8 +112,8 @@ for key in ("learning_rate", "softmax_temperature"):
     check(config, key, 0, low_open=True)
 for key in ("beta1", "beta2", "dropout"):
     check(config, key, 0, 1, high_open=True)
-if max_iters == 0 and max_seconds == 0:
-    raise UserError("max_iters=0 and max_seconds=0 leave the run without a budget; set one of them")
+if max_iters == 0 and max_seconds == 0 and not ngram_max:
+    raise UserError("max_iters=0 and max_seconds=0 leave the run without a budget (with ngram_max=0 there is no solve either); set one of them")
 if n_embd % n_head:
     raise UserError(f"n_head={n_head} does not divide n_embd={n_embd}; pick n_embd a multiple of n_head")
 if init_from not in ("scratch", "resume"):
@@ -139,13 +149,32 @@ if init_from == "resume":
     model_args = checkpoint["model_args"]
 else:
     checkpoint = None
+    ngram_keys = ngram_vocabulary(data.input_ids[data.train_ids], ngram_max, ngram_whole_max, ngram_min_tokens) if ngram_max else torch.zeros(0, dtype=torch.long)
     model_args = dict(block_size=data.meta["block_size"], n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                       n_out=data.meta["dim"], head_hidden=head_hidden, dropout=dropout, bias=bias,
-                      ngram_max=ngram_max, ngram_buckets=ngram_buckets, fvt_residual=fvt_residual,
+                      ngram_max=ngram_max, ngram_whole_max=ngram_whole_max, ngram_count=len(ngram_keys), fvt_residual=fvt_residual,
                       row_scale=data.table[data.train_ids].norm(dim=1).pow(2).mean().sqrt().item())
 encoder = ByteEncoder(ByteEncoderConfig(**model_args)).to(dev)
 fvt = (vocabulary_fvt_rows(load_tokenizer(resolve_model(model, only_embeddings=True)[0]), data.table, data.train_ids).to(dev)
        if encoder.config.fvt_residual else None)
+solve_seconds = 0.0
+solved_here = checkpoint is None and ngram_max > 0
+if solved_here:
+    # the vectors first, on the train tokens alone (an fvt_residual encoder's: what FVT's rows miss);
+    # every process solves the same problem, and rank 0's answer is the one all keep
+    started = time.time()
+    targets = data.table[data.train_ids] - (0 if fvt is None else fvt[data.train_ids.to(dev)].cpu())
+    vectors = solve_ngram_vectors(data.input_ids[data.train_ids], targets, ngram_keys, ngram_max, ngram_whole_max,
+                                  ngram_ridge, ngram_whole_ridge, ngram_solve_iters, ngram_column_block)
+    with torch.no_grad():
+        encoder.ngram_keys.copy_(ngram_keys)
+        encoder.ngram.weight[:-1] = vectors.to(dev)
+    if ddp:
+        torch.distributed.broadcast(encoder.ngram.weight.data, 0)
+    solve_seconds = time.time() - started
+    del vectors, targets
+if ngram_max:
+    encoder.ngram.weight.requires_grad_(False)  # the transformer trains on what the solved vectors leave
 optimizers = encoder.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 loss_config = LossConfig(l1_weight, mse_weight, softmax_weight, softmax_temperature)
 # the mean weight over the trained tokens is 1, so the loss keeps its scale
@@ -165,19 +194,22 @@ if checkpoint is not None:
     iter_num, epoch, batch_in_epoch = checkpoint["iter_num"], checkpoint["epoch"], checkpoint["batch_in_epoch"]
     train_seconds, samples_total = checkpoint["train_seconds"], checkpoint.get("samples_total", 0)
     best_val = checkpoint.get("best_val", -math.inf)
+    solve_seconds = checkpoint.get("solve_seconds", 0.0)
     negatives_rng.set_state(checkpoint["negatives_rng"])
 raw_encoder = encoder
 compiled = compile and device_type == "cuda"
 if compiled:
     encoder = torch.compile(encoder, dynamic=True)
-ngram_table = raw_encoder.ngram.weight if raw_encoder.config.ngram_max else None
 if ddp:
-    # NCCL has no all_reduce for its sparse gradient: average_sparse_gradient averages it instead
-    DDP._set_params_and_buffers_to_ignore_for_model(encoder, [name for name, p in encoder.named_parameters() if p is ngram_table])
+    # the frozen n-gram vectors need no gradient, so DDP leaves them out
     encoder = DDP(encoder, device_ids=[local_rank] if device_type == "cuda" else None)
 if master:
+    table_numbers = data.meta["vocab_size"] * data.meta["dim"]
+    ngram_numbers = raw_encoder.ngram.weight.numel() if ngram_max else 0
     print(f"{data.meta['model']}: {len(train_ids)} train / {len(data.val_ids)} val / {len(data.test_ids)} test (held-out) tokens, table {data.meta['vocab_size']}x{data.meta['dim']}; "
-          f"encoder {raw_encoder.num_params() / 1e6:.2f}M params on {dev}" + (f" x{world}" if ddp else ""))
+          f"encoder {raw_encoder.num_params() / 1e6:.2f}M params ({raw_encoder.num_params() / table_numbers:.2f}x the table's), "
+          f"{ngram_numbers / 1e6:.2f}M of them the vectors of {raw_encoder.config.ngram_count} n-grams"
+          + (f" solved in {solve_seconds:.0f}s" if solve_seconds else "") + f", on {dev}" + (f" x{world}" if ddp else ""))
 
 # on a table whose rows share a large common direction (tied SmolLM2), a handful of rows
 # that point along it win the dot product against most predictions: keep them in every softmax
@@ -234,30 +266,6 @@ def log_eval(stats):
             f.write(json.dumps(record) + "\n")
 
 
-def average_sparse_gradient(param):
-    """Average a sparse gradient over the processes, as DDP averages the dense ones. DDP would
-    all_reduce it, which NCCL cannot do for sparse tensors (pytorch/pytorch#111422), so DDP is
-    told to leave the n-gram table alone and this does it with all_gather, which every backend
-    has: all_gather takes tensors of one size, so each process pads the rows it touched to the
-    most any process touched, and the padding is cut off again before the rows are put together
-    (SparseAdam sums the rows that come more than once)."""
-    grad = param.grad.coalesce()
-    rows, values = grad.indices()[0], grad.values()
-    count = torch.tensor([len(rows)], device=rows.device)
-    counts = [torch.empty_like(count) for _ in range(world)]
-    torch.distributed.all_gather(counts, count)
-    counts = [int(c) for c in counts]
-    padding = max(counts) - len(rows)
-    all_rows = [rows.new_empty(max(counts)) for _ in range(world)]
-    all_values = [values.new_empty(max(counts), values.shape[1]) for _ in range(world)]
-    torch.distributed.all_gather(all_rows, torch.cat([rows, rows.new_zeros(padding)]))
-    torch.distributed.all_gather(all_values, torch.cat([values, values.new_zeros(padding, values.shape[1])]))
-    rows = torch.cat([r[:n] for r, n in zip(all_rows, counts)])
-    values = torch.cat([v[:n] for v, n in zip(all_values, counts)])
-    # the rows are a gradient's own, so in range: no checks (and no warning that there are none)
-    param.grad = torch.sparse_coo_tensor(rows[None], values / world, grad.shape, check_invariants=False)
-
-
 def diverged(what):
     return UserError(f"training diverged at iteration {iter_num} ({what}); the last good checkpoint is kept in {out_dir}, "
                      f"lower learning_rate and resume with --init_from=resume")
@@ -273,7 +281,7 @@ def save(stats):
         "stage": "regression", "model": raw_encoder.state_dict(), "optimizer": [o.state_dict() for o in optimizers], "model_args": model_args, "config": config,
         "data": data_identity(data), "iter_num": iter_num, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
         "train_seconds": train_seconds, "samples_total": samples_total, "negatives_rng": negatives_rng.get_state(),
-        "best_val": best_val})
+        "best_val": best_val, "solve_seconds": solve_seconds})
 
 
 def epoch_batches():
@@ -315,7 +323,8 @@ try:
             log_eval(stats)
             selection = stats.get("val/cosine")  # None: no val tokens, nothing to choose by
             # a NaN is not skipped: save() sees it and stops the run
-            if iter_num > start_iter and (always_save_checkpoint or selection is None or not selection <= best_val):
+            # a run that solved saves its first eval: the solved vectors are minutes of work to keep
+            if (iter_num > start_iter or solved_here) and (always_save_checkpoint or selection is None or not selection <= best_val):
                 best_val = best_val if selection is None else max(best_val, selection)
                 save(stats)
             elif iter_num > start_iter:
@@ -325,9 +334,9 @@ try:
 
         step_start = time.time()
         lr = get_lr(iter_num, budget_used(iter_num, train_seconds, max_iters, max_seconds), warmup_iters, learning_rate, min_lr)
-        for optimizer, scale in zip(optimizers, (1.0, ngram_lr_scale)):
+        for optimizer in optimizers:
             for group in optimizer.param_groups:
-                group["lr"] = lr * scale
+                group["lr"] = lr
         if batch_in_epoch >= len(batches):
             epoch, batch_in_epoch = epoch + 1, 0
             batches = epoch_batches()
@@ -345,12 +354,9 @@ try:
                 loss = loss / len(micro_batches)
             loss.backward()
             loss_sum += loss.item()
-        if ddp and ngram_table is not None and ngram_table.grad is not None:  # None: ngram_max=1, no n-gram is that short
-            average_sparse_gradient(ngram_table)
         if not math.isfinite(loss_sum):
             raise diverged(f"the loss became {loss_sum}")
         if grad_clip > 0:
-            # the dense weights' gradient; the sparse n-gram table's steps are bounded by SparseAdam
             torch.nn.utils.clip_grad_norm_(optimizers[0].param_groups[0]["params"] + optimizers[0].param_groups[1]["params"], grad_clip)
         for optimizer in optimizers:
             optimizer.step()

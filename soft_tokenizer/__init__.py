@@ -4,6 +4,7 @@ The library behind the scripts at the repository root: each module owns one idea
   configurator  settings (globals, config files, --key=value, --help), user errors, devices, progress bars
   lm            the LM: finding and loading it, its tokenizer and table, the texts, perplexity
   spelling      a token's bytes, as the encoder reads them
+  ngrams        which n-grams get a vector, and the least-squares solve of the vectors (train.py)
   storage       data and checkpoint files, and what each came from
   schedule      the learning rate, the budget and the batch order
   metrics       how close predicted rows are to the true ones

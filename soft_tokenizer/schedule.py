@@ -36,5 +36,8 @@ def get_lr(step, budget_used, warmup_steps, max_lr, min_lr):
 
 def budget_used(iter_num, train_seconds, max_iters, max_seconds):
     """The share of a run's one budget spent: iterations if it has max_iters, else training
-    seconds. The learning rate decays over it and the run stops at 1."""
+    seconds. The learning rate decays over it and the run stops at 1; a run with neither (train.py's
+    solve alone) has spent it before it starts."""
+    if max_iters == 0 and max_seconds == 0:
+        return 1.0
     return iter_num / max_iters if max_iters > 0 else train_seconds / max_seconds

@@ -233,6 +233,8 @@ def checkpoint_source(checkpoint, out_dir):
 
 
 def load_encoder(checkpoint, device="cpu"):
+    if "ngram_buckets" in checkpoint["model_args"]:
+        raise UserError("this checkpoint's encoder has hashed n-grams, which solved n-gram vectors replaced (RESEARCH_LOG); train it again with train.py")
     try:
         encoder = ByteEncoder(ByteEncoderConfig(**checkpoint["model_args"]))
         encoder.load_state_dict(checkpoint["model"])

@@ -1,27 +1,41 @@
 """
 The encoder's promises, in-process: it does not care how much padding follows a token
 (batches are trimmed to their longest token in training but padded to the full block
-elsewhere), with or without the hashed n-grams of the default recipe; no n-gram vector ever
-stands for a whole token; the softmax term's hub negatives are the rows along the mean row.
+elsewhere), with or without the solved n-gram vectors of the default recipe; a whole-token
+vector never reaches another string; the softmax term's hub negatives are the rows along the mean row.
 """
 import pytest
 import torch
 
-from model import END, PAD, START, ByteEncoder, ByteEncoderConfig, hub_ids, ngram_ids, softmax_negative_ids, trim_padding
+from model import END, PAD, START, ByteEncoder, ByteEncoderConfig, hub_ids, ngram_codes, softmax_negative_ids, trim_padding
+from soft_tokenizer.ngrams import ngram_vocabulary
 from soft_tokenizer.spelling import encode_bytes
 
 WORDS = ["A", " the", "é", " Hello", "🤖", "def", "\n", " internationalization", "東京"]
 
 
+def solved_encoder(spellings, **config):
+    """An encoder whose n-gram vectors are random but nonzero, as solved ones are, for the
+    n-grams of `spellings`, and whose transformer's head is random too."""
+    torch.manual_seed(0)
+    keys = ngram_vocabulary(torch.from_numpy(encode_bytes(spellings).astype("int64")), 4, 3)
+    encoder = ByteEncoder(ByteEncoderConfig(ngram_max=4, ngram_whole_max=3, ngram_count=len(keys), **config), sparse_ngrams=False).eval()
+    with torch.no_grad():
+        encoder.ngram_keys.copy_(keys)
+        # as large as what the random transformer adds, so that neither hides the other
+        encoder.ngram.weight[:-1] = 0.05 * torch.randn(len(keys), config["n_out"])
+        for p in encoder.head[-1].parameters():
+            p.normal_(0, 0.02)
+    return encoder
+
+
 @pytest.fixture(scope="module", params=[0, 4], ids=["no-ngrams", "ngrams-4"])
 def encoder(request):
-    torch.manual_seed(0)
-    encoder = ByteEncoder(ByteEncoderConfig(block_size=64, n_layer=2, n_head=4, n_embd=64, n_out=48, head_hidden=96,
-                                            ngram_max=request.param, ngram_buckets=4096)).eval()
+    config = dict(block_size=64, n_layer=2, n_head=4, n_embd=64, n_out=48, head_hidden=96)
     if request.param:
-        with torch.no_grad():  # trained n-gram rows are far from zero: make them count here
-            encoder.ngram.weight[:-1] = torch.randn(4096, 64)
-    return encoder
+        return solved_encoder([w.encode() for w in WORDS], **config)
+    torch.manual_seed(0)
+    return ByteEncoder(ByteEncoderConfig(**config)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +70,8 @@ def test_what_pad_positions_carry_cannot_reach_the_output(encoder, tokens):
     torch.testing.assert_close(altered(padded)[0], before, rtol=1e-5, atol=1e-6)
     # the same change to a position real bytes use does reach the output: the check can fail
     altered.wpe.weight[1] = 100 * torch.randn(encoder.config.n_embd)
-    assert (altered(padded)[0] - before).abs().max() > 0.1 * before.abs().max()
+    transformer_part = before - (encoder.ngram(encoder.ngram_rows(padded)) if encoder.config.ngram_max else 0)
+    assert (altered(padded)[0] - before).abs().max() > 0.1 * transformer_part.abs().max()
 
 
 def test_trim_padding_cuts_to_the_longest_token(tokens):
@@ -67,26 +82,20 @@ def test_trim_padding_cuts_to_the_longest_token(tokens):
 
 
 @torch.no_grad()
-def test_no_ngram_vector_stands_for_a_whole_token():
-    """The honesty claim of the encoder: every n-gram that holds all of a token's bytes is left
-    out, so a held-out token is read from its parts. Make exactly those n-grams' rows huge: the
-    prediction for the token must not move; the same for a part of it must."""
-    torch.manual_seed(0)
-    config = ByteEncoderConfig(block_size=16, n_layer=1, n_head=2, n_embd=32, n_out=16, head_hidden=32, ngram_max=4, ngram_buckets=2**16)
-    encoder = ByteEncoder(config, sparse_ngrams=False).eval()
-    token = torch.tensor([[START, *b"abc", END]])
-    before = encoder(token)[0]
-    whole, partial = set(), set()
-    for n in range(2, 5):
-        ids = ngram_ids(token, n, config.ngram_buckets)[0]
-        for end in range(n - 1, token.shape[1]):
-            window = token[0, end - n + 1:end + 1]
-            (whole if (window < 256).sum() == 3 else partial).add(int(ids[end]))
-    assert whole and partial and not whole & partial  # ("abc", "[start]abc", "abc[end]", ...) against ("ab", "bc[end]", ...)
-    encoder.ngram.weight[sorted(whole)] = 1000 * torch.randn(len(whole), config.n_embd)
-    torch.testing.assert_close(encoder(token)[0], before)
-    encoder.ngram.weight[sorted(partial)[0]] = 1000 * torch.randn(config.n_embd)
-    assert (encoder(token)[0] - before).abs().max() > 0.1 * before.abs().max()
+def test_a_whole_token_vector_never_reaches_another_string():
+    """The honesty claim of the encoder: a token of at most ngram_whole_max bytes has a vector of
+    its own, which no other string can have, so a string never trained on is read from its
+    parts. Make the whole-token vectors huge: "abcd" and "xabc" must not move; "abc" must."""
+    encoder = solved_encoder([b"abc", b"ab", b"bcd"], block_size=16, n_layer=1, n_head=2, n_embd=32, n_out=16, head_hidden=32)
+    strings = torch.from_numpy(encode_bytes([b"abcd", b"xabc", b"abc"], 16).astype("int64"))
+    before = encoder(strings)[0]
+    trained = torch.from_numpy(encode_bytes([b"abc", b"ab"], 16).astype("int64"))
+    whole = encoder.ngram_rows(trained)[ngram_codes(trained, 4, 3)[1]]
+    assert len(whole) == 2
+    encoder.ngram.weight[whole] = 1000 * torch.randn(2, 16)
+    after = encoder(strings)[0]
+    torch.testing.assert_close(after[:2], before[:2])
+    assert (after[2] - before[2]).abs().max() > 100
 
 
 def test_hub_negatives_are_the_rows_along_the_mean_row_and_always_among_the_negatives():

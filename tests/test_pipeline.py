@@ -123,3 +123,12 @@ def test_splice_reports_both_perplexities(tiny_mistral, evaluated_mistral, workd
     assert 0 < in_text.sum() < len(in_text) and partial["splice_tokens"] == "in_text"
     assert partial["perplexity"]["spliced"][str(text_file)] == pytest.approx(perplexity(lm, ids), rel=1e-6)
     assert (evaluated_mistral.out_dir / "splice.json").read_bytes() == first_report
+    # the held-out tokens' rows alone: what tokens no stage trained on get
+    succeeds(run_script("test_mistral.py", f"--model={tiny_mistral.folder}", f"--out_dir={evaluated_mistral.out_dir}",
+                        f"--text_file={text_file}", "--max_new_tokens=5", "--splice_tokens=held_out", f"--context={len(ids)}", cwd=workdir))
+    held_out = json.loads((evaluated_mistral.out_dir / "splice-held_out.json").read_text())
+    test_ids = torch.from_numpy(np.load(workdir / "data" / tiny_mistral.name / "test_ids.npy"))
+    lm = AutoModelForCausalLM.from_pretrained(tiny_mistral.folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        lm.get_input_embeddings().weight[test_ids] = load_file(evaluated_mistral.out_dir / "new_embeddings.safetensors")["embeddings"][test_ids]
+    assert held_out["perplexity"]["spliced"][str(text_file)] == pytest.approx(perplexity(lm, ids), rel=1e-6)

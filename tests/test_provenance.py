@@ -104,7 +104,7 @@ def test_a_misspelled_key_in_a_config_file_is_one_sentence(tmp_path):
     (tmp_path / "typo.py").write_text("model = 'smollm2'\nlearning_rte = 3e-4\ne2e_seconds = 10.0\n")
     fails_with(run_script("train.py", "typo.py", cwd=tmp_path), "typo.py sets learning_rte, which no script declares")
     # a key that another script declares (e2e_seconds is train_e2e.py's) is left to that script
-    (tmp_path / "other.py").write_text("e2e_seconds = 10.0\nmax_iters = 0\nmax_seconds = 0.0\n")
+    (tmp_path / "other.py").write_text("e2e_seconds = 10.0\nmax_iters = 0\nmax_seconds = 0.0\nngram_max = 0\n")
     fails_with(run_script("train.py", "other.py", cwd=tmp_path), "without a budget")
 
 
