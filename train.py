@@ -35,8 +35,8 @@ init_from = "scratch"  # or "resume" from out_dir/ckpt.pt
 # False: save only when the val tokens' val/cosine beats every earlier eval's; they are never
 # trained on and are not the test tokens (the held-out ones), which stay the new-token test
 always_save_checkpoint = False
-eval_interval = 0  # iterations between evals; 0: none by iterations
-eval_interval_seconds = 60.0  # training seconds between evals; 0: none by time (there is always one at the end)
+eval_interval = 250  # iterations between evals; 0: none by iterations
+eval_interval_seconds = 0.0  # training seconds between evals, for a budget in seconds; 0: none by time (there is always one at the end)
 eval_sample = 2048  # tokens sampled from each split for the periodic eval
 log_file = ""  # if set, each eval appends a JSON line here (bench.py reads it)
 seed = 1337
@@ -85,8 +85,10 @@ sample_power = 1.0
 lm_share_tokens = 1e6
 # optimizer: AdamW with linear warmup and cosine decay to min_lr over the one budget
 learning_rate = 1e-3
-max_iters = 0  # the budget in iterations; 0: max_seconds is the budget
-max_seconds = 300.0  # the budget in seconds of training, when max_iters is 0
+# the budget in iterations, so that the same command trains the same encoder on any machine;
+# 0: max_seconds is the budget (both 0: the solve alone)
+max_iters = 1000
+max_seconds = 0.0  # the budget in seconds of training, when max_iters is 0
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95

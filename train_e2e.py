@@ -7,8 +7,8 @@ out_dir/ckpt.pt, which it never changes, and writes its own out_dir/e2e.pt, save
 Ctrl-C keeps the work, and --e2e_init_from=resume continues it.
 
 $ python train.py config/smollm2_cpu.py
-$ python train_e2e.py config/smollm2_cpu.py --e2e_seconds=300
-$ python train_e2e.py config/smollm2_cpu.py --e2e_init_from=resume --e2e_seconds=600   # 300 s more
+$ python train_e2e.py config/smollm2_cpu.py --e2e_steps=200
+$ python train_e2e.py config/smollm2_cpu.py --e2e_init_from=resume --e2e_steps=400   # 200 steps more
 """
 import os
 import time
@@ -21,6 +21,7 @@ from soft_tokenizer.configurator import UserError, check, configure, pick_device
 from soft_tokenizer.e2e import cut_windows, e2e_loss
 from soft_tokenizer.filling import vocabulary_fvt_rows
 from soft_tokenizer.lm import chat_turns, decoder_layers, load_lm, pick_dtype, training_text
+from soft_tokenizer.schedule import budget_used
 from soft_tokenizer.storage import (STAGE_FILES, check_lm_table, claim_out_dir, data_identity, load_checkpoint, load_data, load_encoder,
                      read_checkpoint, save_checkpoint)
 
@@ -41,9 +42,12 @@ e2e_ngram_lr_scale = 30.0  # the n-gram table's learning rate over e2e_learning_
 # a full pass of SmolLM2 and no vocabulary-wide head, so four times the steps; 0: its
 # next-token distributions (KL) throughout
 e2e_hidden_layers = 4
-# with e2e_hidden_layers, the last share of e2e_seconds trains on the KL, which is what the splice is judged by
+# with e2e_hidden_layers, the last share of the budget trains on the KL, which is what the splice is judged by
 e2e_kl_share = 0.0
-e2e_seconds = 300.0  # training time of this stage, in all (a resumed stage trains until it has had this much)
+# the budget in steps, in all (a resumed stage trains until it has had this many), so the same
+# command trains the same encoder on any machine; 0: e2e_seconds is the budget
+e2e_steps = 200
+e2e_seconds = 0.0  # the budget in seconds of training, in all, when e2e_steps is 0
 e2e_save_seconds = 60.0  # e2e.pt is saved each time this much more training time has passed, and at the end
 e2e_regression_tokens = 256  # training tokens drawn from the whole vocabulary each step for the MSE term
 mse_weight = 1000.0  # the MSE term's weight, as in train.py (a config file sets both), in the same units
@@ -61,7 +65,10 @@ check(globals(), "e2e_kl_share", 0.0, 1.0)
 check(globals(), "e2e_hidden_layers", 0)
 check(globals(), "e2e_ngram_lr_scale", 0)
 check(globals(), "e2e_learning_rate", 0, low_open=True)
-check(globals(), "e2e_seconds", 0, low_open=True)
+check(globals(), "e2e_steps", 0)
+check(globals(), "e2e_seconds", 0)
+if e2e_steps == 0 and e2e_seconds == 0:
+    raise UserError("e2e_steps=0 and e2e_seconds=0 leave the stage without a budget; set one of them")
 check(globals(), "e2e_save_seconds", 0, low_open=True)
 check(globals(), "e2e_regression_tokens", 0)
 check(globals(), "mse_weight", 0)
@@ -82,7 +89,7 @@ if e2e_init_from == "resume" and not ours:
     raise UserError(f"there is no e2e stage trained from {out_dir}/ckpt.pt to resume in {path}; run without --e2e_init_from=resume")
 if e2e_init_from == "scratch" and ours:
     raise UserError(f"{path} already holds an e2e stage trained from this ckpt.pt ({earlier['e2e']['steps']} steps, "
-                    f"{earlier['e2e']['seconds']:.0f}s); continue it with --e2e_init_from=resume (and a larger --e2e_seconds), "
+                    f"{earlier['e2e']['seconds']:.0f}s); continue it with --e2e_init_from=resume (and a larger --e2e_steps), "
                     f"or delete it to start over")
 if earlier is not None and not ours:
     print(f"note: {path} was trained from an earlier ckpt.pt; this stage starts from the one there now and replaces it")
@@ -131,8 +138,9 @@ if e2e_init_from == "resume":
         ngram_optimizer.load_state_dict(earlier["ngram_optimizer"])
     generator.set_state(earlier["generator"])
     steps, seconds, match = earlier["e2e"]["steps"], earlier["e2e"]["seconds"], earlier["e2e"].get("last_match")
-    if seconds >= e2e_seconds:
-        raise UserError(f"{path} has trained {seconds:.0f}s already, e2e_seconds={e2e_seconds:g}; pass a larger --e2e_seconds to train longer")
+    if budget_used(steps, seconds, e2e_steps, e2e_seconds) >= 1:
+        raise UserError(f"{path} has trained {steps} steps ({seconds:.0f}s) already, its whole budget; pass a larger --e2e_steps "
+                        f"(or --e2e_seconds, with --e2e_steps=0) to train longer")
 print(f"{data.meta['model']}: end to end on {len(windows)} windows of {e2e_context} tokens of the training text"
       + (f" and {len(chat_windows)} of it as chat turns" if n_chat else "") + f", {len(sample_windows)} of the LM's own text, "
       + f"{e2e_windows} windows a step ({n_chat} chat, {n_sample} the LM's), "
@@ -152,12 +160,12 @@ def save():
                 "kl_share": e2e_kl_share, "ngram_lr_scale": e2e_ngram_lr_scale if train_ngrams else 0.0}})
 
 
-bar = progress(total=round(e2e_seconds), initial=round(seconds), unit="s")
+bar = progress(total=100, initial=round(100 * budget_used(steps, seconds, e2e_steps, e2e_seconds)), unit="%")
 next_save = seconds + e2e_save_seconds
-kl_from = (1 - e2e_kl_share) * e2e_seconds if e2e_hidden_layers else 0.0
+kl_from = 1 - e2e_kl_share if e2e_hidden_layers else 0.0
 matching = None
 try:
-    while seconds < e2e_seconds:
+    while budget_used(steps, seconds, e2e_steps, e2e_seconds) < 1:
         started = time.time()
         batch = windows[torch.randint(0, len(windows), (e2e_windows - n_chat - n_sample,), generator=generator)]
         if n_chat:
@@ -165,7 +173,7 @@ try:
         if n_sample:
             batch = torch.cat([batch, sample_windows[torch.randint(0, len(sample_windows), (n_sample,), generator=generator)]])
         anchors = train_ids[torch.randint(0, len(train_ids), (e2e_regression_tokens,), generator=generator)]
-        layers = e2e_hidden_layers if seconds < kl_from else 0
+        layers = e2e_hidden_layers if budget_used(steps, seconds, e2e_steps, e2e_seconds) < kl_from else 0
         if layers != matching:
             tqdm.write(f"step {steps}: matching the LM's " + (f"residual stream after {layers} layers" if layers else "next-token distributions (KL)"))
             matching = layers
@@ -180,7 +188,7 @@ try:
         encoder.zero_grad(set_to_none=True)  # the n-gram table's sparse gradient too, trained here or not
         steps, match = steps + 1, match_step.item()
         seconds += time.time() - started
-        bar.update(min(round(seconds), bar.total) - bar.n)
+        bar.update(min(round(100 * budget_used(steps, seconds, e2e_steps, e2e_seconds)), bar.total) - bar.n)
         bar.set_postfix({f"hidden{layers}" if layers else "kl": f"{match:.4f}", "mse": f"{mse.item():.4f}", "s_per_step": f"{seconds / steps:.2f}"}, refresh=False)
         if seconds >= next_save:
             save()

@@ -6,7 +6,10 @@
 # own row norm; only the budgets differ
 model = "gemma3"
 out_dir = "out-gemma3"
+# budgets in seconds, as they were measured (the defaults' budgets are iterations)
+max_iters = 0
 max_seconds = 180.0
+e2e_steps = 0
 e2e_seconds = 180.0
 # its text costs 3 times as much a token as SmolLM2's to sample (a 262,144-row head): a quarter as many windows
 sample_windows_train = 32

@@ -5,7 +5,10 @@
 # gemma3_cpu.py, so prepare with either
 model = "gemma3"
 out_dir = "out-gemma3-tokens"
+# budgets in seconds, as they were measured (the defaults' budgets are iterations)
+max_iters = 0
 max_seconds = 180.0
+e2e_steps = 0
 e2e_seconds = 180.0
 fvt_residual = True
 sample_windows_train = 32  # as gemma3_cpu.py: the same data/gemma3/

@@ -8,7 +8,10 @@ out_dir = "out-smollm2-gpu"
 batch_size = 1024
 learning_rate = 2e-3
 min_lr = 2e-4
+# budgets in seconds, as they were measured (the defaults' budgets are iterations)
+max_iters = 0
 max_seconds = 300.0
+e2e_steps = 0
 e2e_seconds = 300.0
 e2e_windows = 32
 compile = False  # a one-layer encoder gains little from it, and compiling would eat the timed budget

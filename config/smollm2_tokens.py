@@ -6,6 +6,9 @@
 # so the demo keeps the other one (RESEARCH_LOG, "an encoder that reads FVT's row")
 model = "smollm2"
 out_dir = "out-smollm2-tokens"
+# budgets in seconds, as they were measured (the defaults' budgets are iterations)
+max_iters = 0
 max_seconds = 300.0
+e2e_steps = 0
 e2e_seconds = 300.0
 fvt_residual = True

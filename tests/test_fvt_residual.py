@@ -52,7 +52,7 @@ def test_the_stages_pass_fvts_rows_along(tiny_mistral, prepared_mistral, workdir
     model = f"--model={tiny_mistral.folder}"
     succeeds(run_in_process("train.py", model, f"--out_dir={out_dir}", *TINY_TRAIN, "--max_iters=4", "--eval_interval=4", "--fvt_residual=True", cwd=workdir))
     assert torch.load(out_dir / "ckpt.pt", weights_only=True)["model_args"]["fvt_residual"]
-    succeeds(run_in_process("train_e2e.py", model, f"--out_dir={out_dir}", "--e2e_context=64", "--e2e_seconds=1", "--e2e_chat_share=0", cwd=workdir))
+    succeeds(run_in_process("train_e2e.py", model, f"--out_dir={out_dir}", "--e2e_context=64", "--e2e_steps=3", "--e2e_chat_share=0", cwd=workdir))
     succeeds(run_in_process("evaluate.py", model, f"--out_dir={out_dir}", cwd=workdir))
     saved = workdir / "fvt-residual-plus"
     succeeds(run_in_process("tokens.py", "add", model, f"--out_dir={out_dir}", "--method=soft", f"--save={saved}", "--tokens", " zorblax", cwd=workdir))

@@ -108,7 +108,7 @@ def test_unwritable_out_dir_fails_before_the_work(tiny_mistral, prepared_mistral
 @pytest.mark.parametrize("setting, words", [
     ("--batch_size=0", "batch_size=0 is out of range"),
     ("--max_iters=-1", "max_iters=-1 is out of range"),
-    ("--max_seconds=0", "without a budget"),
+    ("--max_iters=0", "without a budget"),
     ("--eval_interval=-1", "eval_interval=-1"),
     ("--eval_sample=0", "eval_sample=0"),
     ("--learning_rate=nan", "learning_rate=nan"),

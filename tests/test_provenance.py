@@ -101,10 +101,10 @@ def test_a_checkpoint_of_another_split_is_refused(tiny_mistral, trained_mistral,
 
 
 def test_a_misspelled_key_in_a_config_file_is_one_sentence(tmp_path):
-    (tmp_path / "typo.py").write_text("model = 'smollm2'\nlearning_rte = 3e-4\ne2e_seconds = 10.0\n")
+    (tmp_path / "typo.py").write_text("model = 'smollm2'\nlearning_rte = 3e-4\ne2e_steps = 10\n")
     fails_with(run_script("train.py", "typo.py", cwd=tmp_path), "typo.py sets learning_rte, which no script declares")
-    # a key that another script declares (e2e_seconds is train_e2e.py's) is left to that script
-    (tmp_path / "other.py").write_text("e2e_seconds = 10.0\nmax_iters = 0\nmax_seconds = 0.0\nngram_max = 0\n")
+    # a key that another script declares (e2e_steps is train_e2e.py's) is left to that script
+    (tmp_path / "other.py").write_text("e2e_steps = 10\nmax_iters = 0\nmax_seconds = 0.0\nngram_max = 0\n")
     fails_with(run_script("train.py", "other.py", cwd=tmp_path), "without a budget")
 
 
@@ -116,15 +116,15 @@ def test_pytest_from_the_repository_root_collects_the_suite():
 
 
 def test_the_time_budget_stops_the_run_and_decays_the_learning_rate(tiny_mistral, prepared_mistral, workdir, tmp_path):
-    """The demo's budget is seconds of training: the run stops at the first step past it, and
-    the schedule reaches min_lr there."""
+    """A budget in seconds of training, the option beside max_iters: the run stops at the first
+    step past it, and the schedule reaches min_lr there."""
     from soft_tokenizer.schedule import budget_used, get_lr
     # the iterations when the run has max_iters, whatever the clock says; else the seconds
     assert budget_used(5, 60.0, 10, 300.0) == 0.5 and budget_used(5, 270.0, 10, 300.0) == 0.5
     assert budget_used(5, 60.0, 0, 300.0) == 0.2
     assert get_lr(1000, budget_used(1000, 300.0, 0, 300.0), 50, 1e-3, 1e-4) == 1e-4
     args = [a for a in TINY_TRAIN if not a.startswith("--eval_interval_seconds")]
-    succeeds(run_script("train.py", f"--model={tiny_mistral.folder}", f"--out_dir={tmp_path / 'out'}", *args, "--max_seconds=3",
+    succeeds(run_script("train.py", f"--model={tiny_mistral.folder}", f"--out_dir={tmp_path / 'out'}", *args, "--max_iters=0", "--max_seconds=3",
                         "--eval_interval_seconds=1", cwd=workdir, env=ONE_THREAD))
     checkpoint = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     step = checkpoint["train_seconds"] / checkpoint["iter_num"]

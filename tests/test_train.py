@@ -76,7 +76,7 @@ def test_two_processes_match_one(tiny_mistral, prepared_mistral, workdir):
 def test_two_processes_stop_together_on_a_time_budget(tiny_mistral, prepared_mistral, workdir):
     """With max_seconds each process would read its own clock; rank 0's decision is broadcast,
     so both stop at the same step instead of one waiting forever for the other."""
-    args = [f"--model={tiny_mistral.folder}", *SHORT, "--max_seconds=3", f"--out_dir={workdir / 'out-two-timed'}"]
+    args = [f"--model={tiny_mistral.folder}", *SHORT, "--max_iters=0", "--max_seconds=3", f"--out_dir={workdir / 'out-two-timed'}"]
     proc = succeeds(train(*args, cwd=workdir, launcher=["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]))
     assert "on cpu x2" in proc.stdout
     checkpoint = load(workdir / "out-two-timed")
